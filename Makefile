@@ -1,0 +1,45 @@
+# Every target installs what it needs first (uv into .tools/, then the locked workspace into .venv/),
+# so `make test` and `make demo` work on a fresh machine with Python 3.11+ and access to PyPI.
+PYTHON ?= python3
+UV_VERSION := 0.13.8
+UV := .tools/bin/uv
+VENV := .venv
+STAMP := $(VENV)/.synced
+MEMBERS := pyproject.toml uv.lock shared/spikecore/pyproject.toml $(wildcard packages/*/pyproject.toml)
+
+.PHONY: install test demo bench lint format lock clean
+
+$(UV):
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is needed, found " + sys.version.split()[0]'
+	$(PYTHON) -m venv .tools
+	.tools/bin/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+
+# --locked: install exactly uv.lock, and fail (rather than re-resolve) if it no longer matches pyproject.
+$(STAMP): $(UV) $(MEMBERS)
+	$(UV) sync --locked --all-packages --group dev
+	@touch $@
+
+install: $(STAMP)
+
+test: install
+	$(VENV)/bin/python -m pytest
+
+demo: install
+	$(VENV)/bin/python -m spikecore.demo
+
+bench: install
+	$(VENV)/bin/python benchmarks/run_all.py
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+lock: $(UV)
+	$(UV) lock
+
+clean:
+	rm -rf $(VENV) .tools .pytest_cache .ruff_cache

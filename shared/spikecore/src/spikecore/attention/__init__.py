@@ -1,0 +1,27 @@
+"""Spiking attention primitives (spikecore.md section 3): functional cores and modules, [T, B, C, N]."""
+
+from .functional import fb_lidiff, ff_lidiff, qkca, qkta, sdsa, split_heads, ssa
+from .modules import (
+    ChannelQKAttention,
+    FBLiDiffAttention,
+    FFLiDiffAttention,
+    SpikeDrivenSelfAttention,
+    SpikingSelfAttention,
+    TokenQKAttention,
+)
+
+__all__ = [
+    "ChannelQKAttention",
+    "FBLiDiffAttention",
+    "FFLiDiffAttention",
+    "SpikeDrivenSelfAttention",
+    "SpikingSelfAttention",
+    "TokenQKAttention",
+    "fb_lidiff",
+    "ff_lidiff",
+    "qkca",
+    "qkta",
+    "sdsa",
+    "split_heads",
+    "ssa",
+]

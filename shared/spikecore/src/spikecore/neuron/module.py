@@ -1,0 +1,104 @@
+"""``LIF``: the multi-step LIF as an ``nn.Module`` over ``[T, ...]`` input."""
+
+import math
+
+import torch
+from torch import nn
+
+from .ops import lif_multi_step
+
+
+class LIF(nn.Module):
+    """Multi-step LIF neuron layer (a thin module over :func:`spikecore.lif_multi_step`).
+
+    Stateless by default: every call starts from ``v = 0`` (or the ``v_init`` it is given), so no state can
+    leak from one batch into the next. With ``stateful=True`` the module carries ``v`` from call to call
+    (e.g. to run T steps as segments) until :meth:`reset` is called; a call whose neuron shape differs
+    from the carried state raises instead of silently broadcasting, which catches a forgotten reset at
+    the first new batch size.
+
+    ``learnable_tau=True`` gives a PLIF neuron: ``tau = 1 / sigmoid(w)`` with one learnable ``w``
+    initialised so that ``tau`` starts at the given value.
+    """
+
+    def __init__(
+        self,
+        tau: float = 2.0,
+        v_threshold: float = 1.0,
+        v_reset: float | None = 0.0,
+        decay_input: bool = True,
+        detach_reset: bool = False,
+        surrogate: str = "sigmoid",
+        alpha: float | None = None,
+        backend: str = "auto",
+        learnable_tau: bool = False,
+        stateful: bool = False,
+        store_v_seq: bool = False,
+    ):
+        super().__init__()
+        if learnable_tau and not tau > 1:
+            raise ValueError(f"learnable_tau needs an initial tau > 1, got {tau}")
+        self.v_threshold = v_threshold
+        self.v_reset = v_reset
+        self.decay_input = decay_input
+        self.detach_reset = detach_reset
+        self.surrogate = surrogate
+        self.alpha = alpha
+        self.backend = backend
+        self.stateful = stateful
+        self.store_v_seq = store_v_seq
+        if learnable_tau:
+            self.w = nn.Parameter(torch.tensor(-math.log(tau - 1.0)))
+            self._tau = None
+        else:
+            self.w = None
+            self._tau = float(tau)
+        self.v: torch.Tensor | None = None
+        self.v_seq: torch.Tensor | None = None
+        # Validate the configuration once, up front, rather than at the first forward.
+        lif_multi_step(torch.zeros(1, 1), tau=2.0, v_threshold=v_threshold, v_reset=v_reset,
+                       surrogate=surrogate, alpha=alpha, backend="torch")
+
+    @property
+    def tau(self) -> float | torch.Tensor:
+        return self._tau if self.w is None else 1.0 / torch.sigmoid(self.w)
+
+    def reset(self) -> None:
+        """Forget the carried membrane potential (and the stored V sequence)."""
+        self.v = None
+        self.v_seq = None
+
+    def forward(self, x: torch.Tensor, v_init: torch.Tensor | None = None) -> torch.Tensor:
+        if v_init is None and self.stateful and self.v is not None:
+            if self.v.shape != x.shape[1:]:
+                raise RuntimeError(
+                    f"LIF carries state of shape {tuple(self.v.shape)} but got input with neuron shape "
+                    f"{tuple(x.shape[1:])}: call reset() (or spikecore.reset(model)) between batches"
+                )
+            v_init = self.v
+        out = lif_multi_step(
+            x, v_init, tau=self.tau, v_threshold=self.v_threshold, v_reset=self.v_reset,
+            decay_input=self.decay_input, detach_reset=self.detach_reset, surrogate=self.surrogate,
+            alpha=self.alpha, backend=self.backend, store_v_seq=self.store_v_seq,
+        )
+        spikes, v_final = out[0], out[1]
+        if self.store_v_seq:
+            self.v_seq = out[2]
+        if self.stateful:
+            self.v = v_final
+        return spikes
+
+    def extra_repr(self) -> str:
+        tau = "learnable" if self.w is not None else self._tau
+        return (
+            f"tau={tau}, v_threshold={self.v_threshold}, v_reset={self.v_reset}, "
+            f"detach_reset={self.detach_reset}, surrogate={self.surrogate}, backend={self.backend}, "
+            f"stateful={self.stateful}"
+        )
+
+
+def reset(model: nn.Module) -> None:
+    """Reset every stateful spikecore neuron in ``model``."""
+    for m in model.modules():
+        if isinstance(m, LIF):
+            m.reset()

@@ -1,0 +1,239 @@
+"""``lif_multi_step``: validation, backend choice, and the fused op registered with ``torch.library``.
+
+The fused backends (``_cpu`` with numba, ``_triton`` with Triton) implement one contract on flattened
+tensors, so the autograd and ``torch.compile`` plumbing here is written once:
+
+``lif_fwd(x[T,N], v_init[N] f32, tau_t[N] f32 | None, tau, v_th, v_reset, soft, decay_input, store_v_seq)``
+    -> ``spikes[T,N]`` (x's dtype), ``v_final[N]`` f32, ``v_seq[T,N]`` f32 (``[0]`` when not stored),
+    ``saved[K,N]`` f32 (membrane checkpoints the backward needs, ``K = n_saved(T)``, may be 0).
+``lif_bwd(grad_s[T,N], grad_v[N] f32, x, v_init, tau_t, saved, tau, v_th, v_reset, soft, decay_input,
+          detach_reset, surrogate_id, alpha, need_grad_tau)``
+    -> ``grad_x[T,N]`` (x's dtype), ``grad_v_init[N]`` f32, ``grad_tau[N]`` f32 (``[0]`` when not asked).
+
+Only ``x`` (in its own dtype), ``v_init`` and the few checkpoints are saved for backward; the membrane is
+recomputed there. ``tau_t`` (per-neuron tau, PLIF) overrides the float ``tau`` when given.
+"""
+
+import importlib
+import os
+
+import torch
+
+from .reference import lif_reference
+from .surrogate import resolve
+
+BACKENDS = ("auto", "triton", "cpu", "torch")
+_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _backend_module(name: str):
+    return importlib.import_module(f"spikecore.neuron._{name}")
+
+
+def _empty_like_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    return x.new_empty((rows, x.shape[1]), dtype=torch.float32)
+
+
+@torch.library.custom_op("spikecore::lif_fwd", mutates_args=())
+def _lif_fwd(
+    x: torch.Tensor,
+    v_init: torch.Tensor,
+    tau_t: torch.Tensor | None,
+    tau: float,
+    v_th: float,
+    v_reset: float,
+    soft: bool,
+    decay_input: bool,
+    detach_reset: bool,
+    surrogate_id: int,
+    alpha: float,
+    store_v_seq: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # detach_reset, surrogate_id and alpha only shape the backward; they are inputs here so that the
+    # autograd context gets them without any state outside the op.
+    return _backend_module(backend).lif_fwd(
+        x, v_init, tau_t, tau, v_th, v_reset, soft, decay_input, store_v_seq
+    )
+
+
+@_lif_fwd.register_fake
+def _lif_fwd_fake(x, v_init, tau_t, tau, v_th, v_reset, soft, decay_input, detach_reset, surrogate_id,
+                  alpha, store_v_seq, backend):
+    T, N = x.shape
+    v_seq = x.new_empty((T, N) if store_v_seq else (0,), dtype=torch.float32)
+    saved = x.new_empty((_backend_module(backend).n_saved(T), N), dtype=torch.float32)
+    return torch.empty_like(x), x.new_empty((N,), dtype=torch.float32), v_seq, saved
+
+
+@torch.library.custom_op("spikecore::lif_bwd", mutates_args=())
+def _lif_bwd(
+    grad_s: torch.Tensor,
+    grad_v: torch.Tensor,
+    x: torch.Tensor,
+    v_init: torch.Tensor,
+    tau_t: torch.Tensor | None,
+    saved: torch.Tensor,
+    tau: float,
+    v_th: float,
+    v_reset: float,
+    soft: bool,
+    decay_input: bool,
+    detach_reset: bool,
+    surrogate_id: int,
+    alpha: float,
+    need_grad_tau: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backend_module(backend).lif_bwd(
+        grad_s, grad_v, x, v_init, tau_t, saved, tau, v_th, v_reset, soft, decay_input,
+        detach_reset, surrogate_id, alpha, need_grad_tau,
+    )
+
+
+@_lif_bwd.register_fake
+def _lif_bwd_fake(grad_s, grad_v, x, v_init, tau_t, saved, tau, v_th, v_reset, soft, decay_input,
+                  detach_reset, surrogate_id, alpha, need_grad_tau, backend):
+    N = x.shape[1]
+    grad_tau = x.new_empty((N,) if need_grad_tau else (0,), dtype=torch.float32)
+    return torch.empty_like(x), x.new_empty((N,), dtype=torch.float32), grad_tau
+
+
+def _setup_context(ctx, inputs, output):
+    x, v_init, tau_t, *params, _store_v_seq, backend = inputs
+    ctx.save_for_backward(x, v_init, tau_t, output[3])
+    ctx.params = tuple(params)  # tau, v_th, v_reset, soft, decay_input, detach_reset, surrogate_id, alpha
+    ctx.backend = backend
+
+
+def _backward(ctx, grad_s, grad_v, _grad_v_seq, _grad_saved):
+    x, v_init, tau_t, saved = ctx.saved_tensors
+    grad_s = torch.zeros_like(x) if grad_s is None else grad_s.to(x.dtype).contiguous()
+    grad_v = torch.zeros_like(v_init) if grad_v is None else grad_v.float().contiguous()
+    need_grad_tau = tau_t is not None and ctx.needs_input_grad[2]
+    grad_x, grad_v_init, grad_tau = _lif_bwd(
+        grad_s, grad_v, x, v_init, tau_t, saved, *ctx.params, need_grad_tau, ctx.backend
+    )
+    return grad_x, grad_v_init, (grad_tau if need_grad_tau else None), *([None] * 10)
+
+
+_lif_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _triton_usable(x: torch.Tensor) -> bool:
+    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _choose_backend(x: torch.Tensor, backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        if x.dtype not in _FUSED_DTYPES:
+            return "torch"  # float64: the reference loop is the float64 path
+        if x.is_cuda:
+            return "triton" if importlib.util.find_spec("triton") is not None else "torch"
+        return "cpu" if x.device.type == "cpu" else "torch"
+    if backend in ("triton", "cpu") and x.dtype not in _FUSED_DTYPES:
+        raise TypeError(
+            f"backend={backend!r} takes float32, float16 or bfloat16 input, got {x.dtype}; "
+            "use backend='torch' for float64"
+        )
+    if backend == "cpu" and x.device.type != "cpu":
+        raise ValueError(f"backend='cpu' needs a CPU tensor, got one on {x.device}; use backend='auto'")
+    if backend == "triton" and not _triton_usable(x):
+        raise ValueError(
+            "backend='triton' needs a CUDA tensor (or TRITON_INTERPRET=1 set before import to run the "
+            "kernels on the CPU for testing); use backend='auto' or 'cpu' for CPU tensors"
+        )
+    return backend
+
+
+def _per_neuron(value: torch.Tensor, name: str, neuron_shape: torch.Size, n: int) -> torch.Tensor:
+    try:
+        expanded = value.expand(neuron_shape)
+    except RuntimeError:
+        raise ValueError(
+            f"{name} of shape {tuple(value.shape)} does not broadcast to the neuron shape "
+            f"{tuple(neuron_shape)} (x.shape[1:])"
+        ) from None
+    return expanded.reshape(n).float().contiguous()
+
+
+def lif_multi_step(
+    x: torch.Tensor,
+    v_init: torch.Tensor | None = None,
+    *,
+    tau: float | torch.Tensor = 2.0,
+    v_threshold: float = 1.0,
+    v_reset: float | None = 0.0,
+    decay_input: bool = True,
+    detach_reset: bool = False,
+    surrogate: str = "sigmoid",
+    alpha: float | None = None,
+    backend: str = "auto",
+    store_v_seq: bool = False,
+):
+    """Multi-step LIF over ``x[T, ...]`` (spikecore.md section 1).
+
+    Returns ``(spikes, v_final)``, or ``(spikes, v_final, v_seq)`` with ``store_v_seq=True``.
+    ``spikes`` has x's shape and dtype; ``v_final`` (shape ``x.shape[1:]``) and ``v_seq`` are float32
+    (float64 for float64 input). ``v_reset=None`` is a soft reset. ``tau`` may be a tensor broadcastable to
+    ``x.shape[1:]`` (PLIF); it then receives a gradient. ``v_seq`` is for analysis and carries no gradient.
+    ``backend``: ``"auto"`` (Triton on CUDA, the fused numba kernel on CPU, the reference loop for float64),
+    ``"triton"``, ``"cpu"`` or ``"torch"`` (the plain reference loop).
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor (float32, float16 or bfloat16), got {x.dtype}")
+    if x.dim() < 1 or x.shape[0] == 0:
+        raise ValueError(f"x must have shape [T, ...] with T >= 1, got {tuple(x.shape)}")
+    surr, alpha = resolve(surrogate, alpha)
+    if isinstance(tau, torch.Tensor):
+        if not tau.is_floating_point():
+            raise TypeError(f"a tensor tau must be floating point, got {tau.dtype}")
+    elif not float(tau) > 0:
+        raise ValueError(f"tau must be positive, got {tau}")
+    backend = _choose_backend(x, backend)
+    neuron_shape = x.shape[1:]
+    if v_init is not None:
+        if not isinstance(v_init, torch.Tensor) or not v_init.is_floating_point():
+            raise TypeError("v_init must be a floating-point tensor shaped like x.shape[1:]")
+        if v_init.shape != neuron_shape:
+            raise ValueError(
+                f"v_init has shape {tuple(v_init.shape)} but x.shape[1:] is {tuple(neuron_shape)}; "
+                "pass the v_final of a run over the same neurons, or None for zeros"
+            )
+        if v_init.device != x.device:
+            raise ValueError(f"v_init is on {v_init.device} but x is on {x.device}")
+
+    if backend == "torch":
+        return lif_reference(
+            x, v_init, tau=tau, v_threshold=v_threshold, v_reset=v_reset, decay_input=decay_input,
+            detach_reset=detach_reset, surrogate=surr.name, alpha=alpha, store_v_seq=store_v_seq,
+        )
+
+    T = x.shape[0]
+    n = neuron_shape.numel()
+    x2 = x.reshape(T, n).contiguous()
+    v0 = (
+        x.new_zeros((n,), dtype=torch.float32)
+        if v_init is None
+        else v_init.reshape(n).float().contiguous()
+    )
+    tau_t = None
+    tau_f = 2.0
+    if isinstance(tau, torch.Tensor):
+        tau_t = _per_neuron(tau.to(x.device), "tau", neuron_shape, n)
+    else:
+        tau_f = float(tau)
+    soft = v_reset is None
+    spikes, v_final, v_seq, _saved = _lif_fwd(
+        x2, v0, tau_t, tau_f, float(v_threshold), 0.0 if soft else float(v_reset), soft,
+        bool(decay_input), bool(detach_reset), surr.id, alpha, bool(store_v_seq), backend,
+    )
+    spikes = spikes.view(x.shape)
+    v_final = v_final.view(neuron_shape)
+    if store_v_seq:
+        return spikes, v_final, v_seq.detach().view(x.shape)
+    return spikes, v_final

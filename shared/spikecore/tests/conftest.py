@@ -1,0 +1,12 @@
+import os
+
+import torch
+
+# Without a GPU, the Triton kernels run on the CPU through Triton's interpreter. The variable must be set
+# before any kernel module is imported, so it is set here, at collection time.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -1,0 +1,158 @@
+"""The fused CPU backend (numba kernels, ``backend="cpu"``) against the reference loop and spikingjelly.
+
+The cross-backend grid (every reset/detach/decay/surrogate combination) lives in test_lif_backends.py; this
+file covers what is specific to the CPU kernels: the in-kernel fp16/bf16 bit conversions, block edges (odd
+N, N smaller than a block), long T, the per-neuron tau gradient, v_seq, and an independent peer.
+"""
+
+import pytest
+import torch
+
+from spikecore import lif_multi_step, lif_reference
+from spikecore.neuron import _cpu
+
+pytest.importorskip("numba")
+
+
+def _run(fn, x, v0, tau, gs, gv, **kw):
+    x = x.detach().clone().requires_grad_()
+    v0 = v0.detach().clone().requires_grad_()
+    tau_in = tau.detach().clone().requires_grad_() if isinstance(tau, torch.Tensor) else tau
+    out = fn(x, v0, tau=tau_in, **kw)
+    s, v = out[0], out[1]
+    torch.autograd.backward([s, v], [gs, gv])
+    grads = (x.grad, v0.grad, tau_in.grad if isinstance(tau_in, torch.Tensor) else None)
+    return out, grads
+
+
+def _inputs(T, N, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(T, N, generator=g) * 1.5 + 0.3).to(dtype)
+    v0 = torch.randn(N, generator=g) * 0.3
+    gs = torch.randn(T, N, generator=g).to(dtype)
+    gv = torch.randn(N, generator=g)
+    return x, v0, gs, gv
+
+
+def _cpu_fn(x, v0, **kw):
+    return lif_multi_step(x, v0, backend="cpu", **kw)
+
+
+@pytest.mark.parametrize("N", [1, 37, 1001, 70_001])
+@pytest.mark.parametrize("T", [1, 4, 33])
+def test_shapes_fp32_match_reference_exactly(T, N):
+    x, v0, gs, gv = _inputs(T, N)
+    kw = dict(tau=1.7, v_reset=-0.1, detach_reset=False, surrogate="sigmoid")
+    (s, v), (gx, gv0, _) = _run(_cpu_fn, x, v0, kw.pop("tau"), gs, gv, **kw)
+    (rs, rv), (rgx, rgv0, _) = _run(lif_reference, x, v0, 1.7, gs, gv, **kw)
+    assert torch.equal(s, rs)  # same float32 operation order: bit-identical spikes and membrane
+    assert torch.equal(v, rv)
+    torch.testing.assert_close(gx, rgx, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gv0, rgv0, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("soft", [False, True])
+def test_half_dtypes(dtype, soft):
+    T, N = 5, 3001
+    x, v0, gs, gv = _inputs(T, N, dtype)
+    kw = dict(v_reset=None if soft else 0.0, detach_reset=True, surrogate="atan")
+    (s, v), (gx, gv0, _) = _run(_cpu_fn, x, v0, 2.0, gs, gv, **kw)
+    (rs, rv), (rgx, rgv0, _) = _run(lif_reference, x, v0, 2.0, gs, gv, **kw)
+    assert s.dtype == dtype and gx.dtype == dtype and v.dtype == torch.float32
+    assert torch.equal(s, rs)  # the kernel converts x exactly, then computes in fp32 as the reference
+    assert torch.equal(v, rv)
+    torch.testing.assert_close(gv0, rgv0, rtol=1e-4, atol=1e-5)
+    # grad_x is rounded to the input dtype by both: at most one rounding step apart
+    torch.testing.assert_close(gx.float(), rgx.float(), rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_conversions_are_exact(dtype):
+    # The kernels' in-register conversions against torch's: every 16-bit pattern to fp32 (exact), and fp32
+    # values over the whole range (subnormals, overflow, ties, inf, nan) back with round-to-nearest-even.
+    kind = _cpu._KIND[dtype]
+    vals = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    out = torch.empty(vals.shape[0], dtype=torch.float32)
+    _cpu._load_row(_cpu._bits(vals), kind, out.numpy(), vals.shape[0])
+    ref = vals.float()
+    nan = torch.isnan(ref)  # nan payloads may differ (torch quiets signalling nans); nan must stay nan
+    assert torch.isnan(out[nan]).all()
+    assert torch.equal(out[~nan].view(torch.int32), ref[~nan].view(torch.int32))
+    g = torch.randn(400_000) * torch.logspace(-45, 38, 400_000)
+    ties = vals.float()[torch.isfinite(vals.float())]
+    ties = (ties + torch.nextafter(ties, torch.full_like(ties, float("inf")))) / 2  # near-halfway points
+    extra = torch.tensor([0.0, -0.0, 65519.0, 65520.0, 1e-8, 2.9802322e-08, 6e-8, 3.4e38, float("inf"),
+                          -float("inf"), float("nan")])
+    g = torch.cat([g, ties, extra]).contiguous()
+    got = torch.empty(g.shape[0], dtype=dtype)
+    _cpu._store_row(g.numpy(), kind, _cpu._bits(got), g.shape[0])
+    want = g.to(dtype)
+    nan = torch.isnan(want)
+    assert torch.isnan(got[nan]).all()
+    assert torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16))
+
+
+@pytest.mark.parametrize("decay_input", [True, False])
+def test_per_neuron_tau_gradient(decay_input):
+    T, N = 6, 513
+    x, v0, gs, gv = _inputs(T, N)
+    tau = torch.rand(N) * 2 + 1.1
+    kw = dict(v_reset=0.0, detach_reset=False, surrogate="sigmoid", decay_input=decay_input)
+    (s, v), grads = _run(_cpu_fn, x, v0, tau, gs, gv, **kw)
+    (rs, rv), rgrads = _run(lif_reference, x, v0, tau, gs, gv, **kw)
+    assert torch.equal(s, rs) and torch.equal(v, rv)
+    for g, rg in zip(grads, rgrads, strict=True):
+        torch.testing.assert_close(g, rg, rtol=1e-4, atol=1e-5)
+    # a broadcast tau (one per channel) gets its gradient summed over the broadcast neurons
+    x4, tau_c = x.view(T, 27, 19), tau[:19].clone()
+    (_, _), (_, _, gt) = _run(_cpu_fn, x4, v0.view(27, 19), tau_c, gs.view(T, 27, 19), gv.view(27, 19), **kw)
+    (_, _), (_, _, rgt) = _run(lif_reference, x4, v0.view(27, 19), tau_c, gs.view(T, 27, 19),
+                               gv.view(27, 19), **kw)
+    torch.testing.assert_close(gt, rgt, rtol=1e-4, atol=1e-4)
+
+
+def test_v_seq_and_segments():
+    T, N = 9, 1000 + 1
+    x, v0, _, _ = _inputs(T, N)
+    s, v, vs = lif_multi_step(x, v0, v_reset=None, backend="cpu", store_v_seq=True)
+    rs, rv, rvs = lif_reference(x, v0, v_reset=None, store_v_seq=True)
+    assert torch.equal(vs, rvs) and torch.equal(v, rv) and torch.equal(s, rs)
+    assert torch.equal(vs[-1], v)
+    # running T steps as two segments with v carried equals one run
+    s1, v1 = lif_multi_step(x[:4], v0, v_reset=None, backend="cpu")
+    s2, v2 = lif_multi_step(x[4:], v1, v_reset=None, backend="cpu")
+    assert torch.equal(torch.cat([s1, s2]), s) and torch.equal(v2, v)
+
+
+@pytest.mark.parametrize("T", [4, 33])
+def test_matches_spikingjelly_lifnode(T):
+    sj = pytest.importorskip("spikingjelly.activation_based.neuron")
+    surrogate = pytest.importorskip("spikingjelly.activation_based.surrogate")
+    N = 4099
+    x, _, gs, _ = _inputs(T, N)
+    # spikingjelly 2.0's LIFNode has no backend argument: on the CPU it runs its own torch loop.
+    node = sj.LIFNode(tau=2.0, step_mode="m", detach_reset=True, surrogate_function=surrogate.Sigmoid())
+    xs = x.clone().requires_grad_()
+    s_sj = node(xs)
+    s_sj.backward(gs)
+    xo = x.clone().requires_grad_()
+    s, _ = lif_multi_step(xo, tau=2.0, detach_reset=True, surrogate="sigmoid", backend="cpu")
+    s.backward(gs)
+    assert torch.equal(s, s_sj)
+    torch.testing.assert_close(xo.grad, xs.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_threads_and_empty():
+    x, v0, _, _ = _inputs(3, 0)
+    s, v = lif_multi_step(x, v0, backend="cpu")
+    assert s.shape == (3, 0) and v.shape == (0,)
+    x, v0, _, _ = _inputs(4, 5000)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        s1, v1 = lif_multi_step(x, v0, backend="cpu")
+    finally:
+        torch.set_num_threads(old)
+    s2, v2 = lif_multi_step(x, v0, backend="cpu")
+    assert torch.equal(s1, s2) and torch.equal(v1, v2)
