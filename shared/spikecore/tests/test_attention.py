@@ -77,10 +77,10 @@ def naive_ff_lidiff(q, k, heads):
     d = C // heads
     ys = []
     for h in range(heads):
-        first = q[:, :, h * d: h * d + d // 2].sum(2)
-        second = q[:, :, h * d + d // 2: (h + 1) * d].sum(2)
+        first = q[:, :, h * d : h * d + d // 2].sum(2)
+        second = q[:, :, h * d + d // 2 : (h + 1) * d].sum(2)
         a = naive_lif(first - second)
-        ys.append(a[:, :, None] * k[:, :, h * d: (h + 1) * d])
+        ys.append(a[:, :, None] * k[:, :, h * d : (h + 1) * d])
     return torch.cat(ys, dim=2)
 
 
@@ -103,17 +103,25 @@ def _firing_is_mixed(y):
 # ---------------------------------------------------------------------------------------------------------
 # Functional cores against the naive formulas (float64, forward exact, gradients through the surrogate).
 CASES = {
-    "ssa_qk": (lambda q, k, v, be: AF.ssa(q, k, v, 4, 0.125, "qk_first", backend=be),
-               lambda q, k, v: naive_ssa(q, k, v, 4, 0.125)),
-    "ssa_kv": (lambda q, k, v, be: AF.ssa(q, k, v, 4, 0.125, "kv_first", backend=be),
-               lambda q, k, v: naive_ssa(q, k, v, 4, 0.125)),
-    "fb_lidiff": (lambda q, k, v, be: AF.fb_lidiff(q, k, v, 2, 0.25, backend=be),
-                  lambda q, k, v: naive_ssa(q, k, v, 2, 0.25)),
+    "ssa_qk": (
+        lambda q, k, v, be: AF.ssa(q, k, v, 4, 0.125, "qk_first", backend=be),
+        lambda q, k, v: naive_ssa(q, k, v, 4, 0.125),
+    ),
+    "ssa_kv": (
+        lambda q, k, v, be: AF.ssa(q, k, v, 4, 0.125, "kv_first", backend=be),
+        lambda q, k, v: naive_ssa(q, k, v, 4, 0.125),
+    ),
+    "fb_lidiff": (
+        lambda q, k, v, be: AF.fb_lidiff(q, k, v, 2, 0.25, backend=be),
+        lambda q, k, v: naive_ssa(q, k, v, 2, 0.25),
+    ),
     "sdsa": (lambda q, k, v, be: AF.sdsa(q, k, v, 4, backend=be), lambda q, k, v: naive_sdsa(q, k, v)),
     "qkta": (lambda q, k, v, be: AF.qkta(q, k, 4, backend=be), lambda q, k, v: naive_qkta(q, k, 4)),
     "qkca": (lambda q, k, v, be: AF.qkca(q, k, backend=be), lambda q, k, v: naive_qkca(q, k)),
-    "ff_lidiff": (lambda q, k, v, be: AF.ff_lidiff(q, k, 2, backend=be),
-                  lambda q, k, v: naive_ff_lidiff(q, k, 2)),
+    "ff_lidiff": (
+        lambda q, k, v, be: AF.ff_lidiff(q, k, 2, backend=be),
+        lambda q, k, v: naive_ff_lidiff(q, k, 2),
+    ),
 }
 
 
@@ -121,8 +129,10 @@ CASES = {
 def test_functional_matches_naive_forward_and_grad(name, qkv):
     fn, ref = CASES[name]
     if name == "qkca":  # a sum over 12 tokens at density 0.5 always fires: thin Q out
-        qkv = (qkv[0] * (torch.rand(qkv[0].shape, generator=torch.Generator().manual_seed(9)) < 0.1),
-               *qkv[1:])
+        qkv = (
+            qkv[0] * (torch.rand(qkv[0].shape, generator=torch.Generator().manual_seed(9)) < 0.1),
+            *qkv[1:],
+        )
     q, k, v = (t.clone().requires_grad_(True) for t in qkv)
     y = fn(q, k, v, "torch")
     assert y.shape == q.shape and y.dtype == q.dtype
@@ -200,8 +210,14 @@ def test_functional_errors():
 
 # ---------------------------------------------------------------------------------------------------------
 # Modules.
-MODULES = [A.SpikingSelfAttention, A.SpikeDrivenSelfAttention, A.TokenQKAttention, A.ChannelQKAttention,
-           A.FFLiDiffAttention, A.FBLiDiffAttention]
+MODULES = [
+    A.SpikingSelfAttention,
+    A.SpikeDrivenSelfAttention,
+    A.TokenQKAttention,
+    A.ChannelQKAttention,
+    A.FFLiDiffAttention,
+    A.FBLiDiffAttention,
+]
 
 
 def _input(shape=(4, 2, 16, 12), seed=0, dtype=torch.float32):
@@ -364,8 +380,10 @@ def test_parity_spikingjelly_qk_attention(train, kind):
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
     C, H = 32, 4
-    sj_cls, our_cls = {"token": (sj_attention.TokenQKAttention, A.TokenQKAttention),
-                       "channel": (sj_attention.ChannelQKAttention, A.ChannelQKAttention)}[kind]
+    sj_cls, our_cls = {
+        "token": (sj_attention.TokenQKAttention, A.TokenQKAttention),
+        "channel": (sj_attention.ChannelQKAttention, A.ChannelQKAttention),
+    }[kind]
     sj = sj_cls(C, H).double()
     for bn in _bns(sj):
         _randomize_bn(bn, g)

@@ -16,7 +16,11 @@ from spikecore.neuron import ops
         (lambda: spikecore.lif_multi_step(torch.ones(0, 3)), ValueError, "T >= 1"),
         (lambda: spikecore.lif_multi_step(torch.ones(())), ValueError, "T >= 1"),
         (lambda: spikecore.lif_multi_step(torch.ones(4, 3), torch.zeros(2)), ValueError, "v_init has shape"),
-        (lambda: spikecore.lif_multi_step(torch.ones(4, 3), surrogate="sigmod"), ValueError, "unknown surrogate"),
+        (
+            lambda: spikecore.lif_multi_step(torch.ones(4, 3), surrogate="sigmod"),
+            ValueError,
+            "unknown surrogate",
+        ),
         (lambda: spikecore.lif_multi_step(torch.ones(4, 3), alpha=-1.0), ValueError, "alpha"),
         (lambda: spikecore.lif_multi_step(torch.ones(4, 3), tau=0.0), ValueError, "tau must be positive"),
         (lambda: spikecore.lif_multi_step(torch.ones(4, 3), backend="cuda"), ValueError, "unknown backend"),
@@ -92,8 +96,11 @@ def test_custom_ops_pass_opcheck(backend):
     v0 = torch.rand(17, device=dev).requires_grad_()
     tau_t = (torch.rand(17, device=dev) + 1.5).requires_grad_()
     args = (x, v0, tau_t, 2.0, 1.0, 0.0, False, True, True, 0, 4.0, True, backend)
-    torch.library.opcheck(torch.ops.spikecore.lif_fwd.default, args,
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    torch.library.opcheck(
+        torch.ops.spikecore.lif_fwd.default,
+        args,
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )
 
 
 def test_torch_compile_traces_the_op():

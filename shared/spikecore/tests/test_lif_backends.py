@@ -48,8 +48,14 @@ def _run(backend, x, v0, gs, gv, **kw):
 def test_backend_matches_reference(backend, dtype, v_reset, detach_reset, decay_input, surrogate):
     seed = hash((backend, str(dtype), v_reset, detach_reset, decay_input, surrogate)) % 2**31
     x, v0, gs, gv = _inputs(SHAPES[backend], dtype, _device(backend), seed)
-    kw = dict(tau=2.0, v_threshold=1.0, v_reset=v_reset, decay_input=decay_input,
-              detach_reset=detach_reset, surrogate=surrogate)
+    kw = dict(
+        tau=2.0,
+        v_threshold=1.0,
+        v_reset=v_reset,
+        decay_input=decay_input,
+        detach_reset=detach_reset,
+        surrogate=surrogate,
+    )
     s, v, gx, gv0 = _run(backend, x, v0, gs, gv, **kw)
     s_ref, v_ref, gx_ref, gv0_ref = _run("torch", x, v0, gs, gv, **kw)
 
@@ -97,7 +103,9 @@ def test_per_neuron_tau_gradient(backend, decay_input):
     for b in (backend, "torch"):
         tau = tau0.clone().requires_grad_()
         xx = x.clone().requires_grad_()
-        s, v = spikecore.lif_multi_step(xx, v0, tau=tau, decay_input=decay_input, detach_reset=True, backend=b)
+        s, v = spikecore.lif_multi_step(
+            xx, v0, tau=tau, decay_input=decay_input, detach_reset=True, backend=b
+        )
         torch.autograd.backward([s, v], [gs, gv])
         grads[b] = (s, v, xx.grad, tau.grad)
     for a, b in zip(grads[backend], grads["torch"], strict=True):

@@ -82,8 +82,21 @@ def test_half_conversions_are_exact(dtype):
     g = torch.randn(400_000) * torch.logspace(-45, 38, 400_000)
     ties = vals.float()[torch.isfinite(vals.float())]
     ties = (ties + torch.nextafter(ties, torch.full_like(ties, float("inf")))) / 2  # near-halfway points
-    extra = torch.tensor([0.0, -0.0, 65519.0, 65520.0, 1e-8, 2.9802322e-08, 6e-8, 3.4e38, float("inf"),
-                          -float("inf"), float("nan")])
+    extra = torch.tensor(
+        [
+            0.0,
+            -0.0,
+            65519.0,
+            65520.0,
+            1e-8,
+            2.9802322e-08,
+            6e-8,
+            3.4e38,
+            float("inf"),
+            -float("inf"),
+            float("nan"),
+        ]
+    )
     g = torch.cat([g, ties, extra]).contiguous()
     got = torch.empty(g.shape[0], dtype=dtype)
     _cpu._store_row(g.numpy(), kind, _cpu._bits(got), g.shape[0])
@@ -107,8 +120,9 @@ def test_per_neuron_tau_gradient(decay_input):
     # a broadcast tau (one per channel) gets its gradient summed over the broadcast neurons
     x4, tau_c = x.view(T, 27, 19), tau[:19].clone()
     (_, _), (_, _, gt) = _run(_cpu_fn, x4, v0.view(27, 19), tau_c, gs.view(T, 27, 19), gv.view(27, 19), **kw)
-    (_, _), (_, _, rgt) = _run(lif_reference, x4, v0.view(27, 19), tau_c, gs.view(T, 27, 19),
-                               gv.view(27, 19), **kw)
+    (_, _), (_, _, rgt) = _run(
+        lif_reference, x4, v0.view(27, 19), tau_c, gs.view(T, 27, 19), gv.view(27, 19), **kw
+    )
     torch.testing.assert_close(gt, rgt, rtol=1e-4, atol=1e-4)
 
 

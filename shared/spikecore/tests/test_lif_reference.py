@@ -104,16 +104,37 @@ def test_reference_autograd_equals_spec_recurrence(name, soft, detach, decay_inp
     x = (torch.randn(6, 7, generator=g, dtype=torch.float64) * 1.5 + 0.6).requires_grad_()
     v0 = (torch.rand(7, generator=g, dtype=torch.float64)).requires_grad_()
     tau = torch.full((7,), 2.0, dtype=torch.float64, requires_grad=True)
-    gs, gv = torch.randn(6, 7, generator=g, dtype=torch.float64), torch.randn(7, generator=g, dtype=torch.float64)
+    gs, gv = (
+        torch.randn(6, 7, generator=g, dtype=torch.float64),
+        torch.randn(7, generator=g, dtype=torch.float64),
+    )
     alpha = sg.SURROGATES[name].default_alpha
-    s, v = spikecore.lif_reference(x, v0, tau=tau, v_reset=None if soft else VRESET, decay_input=decay_input,
-                                   detach_reset=detach, surrogate=name)
+    s, v = spikecore.lif_reference(
+        x,
+        v0,
+        tau=tau,
+        v_reset=None if soft else VRESET,
+        decay_input=decay_input,
+        detach_reset=detach,
+        surrogate=name,
+    )
     torch.autograd.backward([s, v], [gs, gv])
 
     with torch.no_grad():
         s2, v2, hs, vps = smooth_forward(x, v0, tau, soft, decay_input, lambda z: (z >= 0).double())
-        gx, gv0, gtau = spec_backward(x, hs, list(s2), vps, gs, gv, tau, soft, detach, decay_input,
-                                      lambda z: sg.derivative(name, z, alpha))
+        gx, gv0, gtau = spec_backward(
+            x,
+            hs,
+            list(s2),
+            vps,
+            gs,
+            gv,
+            tau,
+            soft,
+            detach,
+            decay_input,
+            lambda z: sg.derivative(name, z, alpha),
+        )
     torch.testing.assert_close(s, s2)
     torch.testing.assert_close(v, v2)
     torch.testing.assert_close(x.grad, gx)

@@ -69,8 +69,15 @@ _CASES = [(name, *combo) for name, combo in zip(sorted(SURROGATES), _COMBOS, str
 @pytest.mark.parametrize(("surrogate", "v_reset", "detach_reset", "decay_input"), _CASES)
 def test_fp32_every_surrogate_and_reset_mode(surrogate, v_reset, detach_reset, decay_input):
     x, v0, gs, gv = _inputs(5, 67, seed=len(surrogate))
-    kw = dict(v_threshold=0.9, v_reset=v_reset, detach_reset=detach_reset, decay_input=decay_input,
-              surrogate=surrogate, store_v_seq=True, tau=TAU)
+    kw = dict(
+        v_threshold=0.9,
+        v_reset=v_reset,
+        detach_reset=detach_reset,
+        decay_input=decay_input,
+        surrogate=surrogate,
+        store_v_seq=True,
+        tau=TAU,
+    )
     _check(_run("triton", x, v0, gs, gv, **kw), _run("torch", x, v0, gs, gv, **kw))
 
 

@@ -37,10 +37,13 @@ def check_backend(n_neurons: int, T: int = 4) -> None:
         results[name] = (s, xx.grad, time.perf_counter() - start)
     (s, g, t), (s_ref, g_ref, t_ref) = results[backend], results["torch"]
     print(f"[1] multi-step LIF, T={T}, {n_neurons:,} neurons, fp32, forward+backward on {device}")
-    print(f"    spikes equal to the reference loop: {bool(torch.equal(s, s_ref))} "
-          f"(firing rate {s.mean():.3f}); max |grad x - reference| = {(g - g_ref).abs().max():.2e}")
-    print(f"    fused '{backend}': {t * 1e3:.1f} ms   reference loop: {t_ref * 1e3:.1f} ms   "
-          f"({t_ref / t:.1f}x)")
+    print(
+        f"    spikes equal to the reference loop: {bool(torch.equal(s, s_ref))} "
+        f"(firing rate {s.mean():.3f}); max |grad x - reference| = {(g - g_ref).abs().max():.2e}"
+    )
+    print(
+        f"    fused '{backend}': {t * 1e3:.1f} ms   reference loop: {t_ref * 1e3:.1f} ms   ({t_ref / t:.1f}x)"
+    )
 
 
 def make_bars(n: int, size: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,8 +52,9 @@ def make_bars(n: int, size: int = 16, seed: int = 0) -> tuple[torch.Tensor, torc
     labels = torch.randint(0, 4, (n,), generator=g)
     images = torch.rand(n, 1, size, size, generator=g) * 0.3
     idx = torch.arange(size)
-    for i, (label, pos) in enumerate(zip(labels.tolist(), torch.randint(3, size - 3, (n,), generator=g).tolist(),
-                                         strict=True)):
+    for i, (label, pos) in enumerate(
+        zip(labels.tolist(), torch.randint(3, size - 3, (n,), generator=g).tolist(), strict=True)
+    ):
         shift = pos - size // 2
         if label == 0:
             images[i, 0, pos - 1 : pos + 1, :] = 1.0
@@ -91,8 +95,10 @@ def train_tiny_transformer(epochs: int, n_train: int = 2048, n_test: int = 512) 
     x_test, y_test = make_bars(n_test, seed=2)
     model = TinySpikingTransformer()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    print(f"[2] tiny spiking transformer ({sum(p.numel() for p in model.parameters()):,} params), "
-          f"4-way bars, {n_train} train / {n_test} test images, T=4")
+    print(
+        f"[2] tiny spiking transformer ({sum(p.numel() for p in model.parameters()):,} params), "
+        f"4-way bars, {n_train} train / {n_test} test images, T=4"
+    )
     start = time.perf_counter()
     for epoch in range(epochs):
         model.train()
@@ -106,13 +112,17 @@ def train_tiny_transformer(epochs: int, n_train: int = 2048, n_test: int = 512) 
         model.eval()
         with torch.no_grad():
             acc = (model(x_test).argmax(1) == y_test).float().mean().item()
-        print(f"    epoch {epoch + 1}/{epochs}: loss {loss.item():.3f}  test accuracy {acc:.1%}  "
-              f"({time.perf_counter() - start:.0f} s)")
+        print(
+            f"    epoch {epoch + 1}/{epochs}: loss {loss.item():.3f}  test accuracy {acc:.1%}  "
+            f"({time.perf_counter() - start:.0f} s)"
+        )
     return acc
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--neurons", type=int, default=2**20)
     parser.add_argument("--epochs", type=int, default=3)
     args = parser.parse_args(argv)

@@ -55,8 +55,14 @@ def _attn_lif(x, neuron, tau, v_threshold, detach_reset, surrogate, alpha, backe
     if neuron is not None:
         return neuron(x)
     return lif_multi_step(
-        x, tau=tau, v_threshold=v_threshold, v_reset=0.0, detach_reset=detach_reset,
-        surrogate=surrogate, alpha=alpha, backend=backend,
+        x,
+        tau=tau,
+        v_threshold=v_threshold,
+        v_reset=0.0,
+        detach_reset=detach_reset,
+        surrogate=surrogate,
+        alpha=alpha,
+        backend=backend,
     )[0]
 
 

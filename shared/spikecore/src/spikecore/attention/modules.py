@@ -66,8 +66,14 @@ class _SpikingAttention(nn.Module):
         self.dim = dim
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self._neuron = dict(tau=tau, detach_reset=detach_reset, surrogate=surrogate, alpha=alpha,
-                            backend=backend, stateful=stateful)
+        self._neuron = dict(
+            tau=tau,
+            detach_reset=detach_reset,
+            surrogate=surrogate,
+            alpha=alpha,
+            backend=backend,
+            stateful=stateful,
+        )
         for name in self.branches:
             setattr(self, f"{name}_conv", nn.Conv1d(dim, dim, kernel_size=1, bias=False))
             setattr(self, f"{name}_bn", nn.BatchNorm1d(dim))
@@ -116,16 +122,24 @@ class _SpikingAttention(nn.Module):
             )
         return x.flatten(3) if x.dim() > 4 else x
 
-    def forward(self, x: torch.Tensor, *, q_extra: torch.Tensor | None = None,
-                k_extra: torch.Tensor | None = None, v_extra: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        q_extra: torch.Tensor | None = None,
+        k_extra: torch.Tensor | None = None,
+        v_extra: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         shape = x.shape
         x = self._tokens(x)
         extras = {"q": q_extra, "k": k_extra, "v": v_extra}
         for name, e in extras.items():
             if e is not None and name not in self.branches:
                 raise ValueError(f"{type(self).__name__} has no {name} branch; {name}_extra is not accepted")
-        qkv = [self.project(n, x, None if extras[n] is None else self._tokens(extras[n], f"{n}_extra"))
-               for n in self.branches]
+        qkv = [
+            self.project(n, x, None if extras[n] is None else self._tokens(extras[n], f"{n}_extra"))
+            for n in self.branches
+        ]
         return self.output(self.attend(*qkv)).reshape(shape)
 
     def extra_repr(self) -> str:
@@ -163,9 +177,15 @@ class FBLiDiffAttention(SpikingSelfAttention):
     def __init__(self, dim: int, num_heads: int = 8, scale: float = 0.125, **neuron):
         super().__init__(dim, num_heads, scale=scale, order="kv_first", **neuron)
 
-    def forward(self, x: torch.Tensor, feedback: torch.Tensor | None = None, *,
-                q_extra: torch.Tensor | None = None, k_extra: torch.Tensor | None = None,
-                v_extra: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        feedback: torch.Tensor | None = None,
+        *,
+        q_extra: torch.Tensor | None = None,
+        k_extra: torch.Tensor | None = None,
+        v_extra: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if feedback is not None:
             f = self._tokens(feedback, "feedback")
             fb = self.v_conv(f.flatten(0, 1)).reshape(f.shape)
@@ -184,8 +204,9 @@ class SpikeDrivenSelfAttention(_SpikingAttention):
 
     has_proj_lif = False
 
-    def __init__(self, dim: int, num_heads: int = 8, shortcut_lif: bool = True, residual: bool = True,
-                 **neuron):
+    def __init__(
+        self, dim: int, num_heads: int = 8, shortcut_lif: bool = True, residual: bool = True, **neuron
+    ):
         super().__init__(dim, num_heads, **neuron)
         self.shortcut_lif = self.make_lif(neuron.get("v_threshold", 1.0)) if shortcut_lif else None
         self.residual = residual
@@ -193,8 +214,14 @@ class SpikeDrivenSelfAttention(_SpikingAttention):
     def attend(self, q, k, v):
         return F.sdsa(q, k, v, self.num_heads, neuron=self.attn_lif)
 
-    def forward(self, x: torch.Tensor, *, q_extra: torch.Tensor | None = None,
-                k_extra: torch.Tensor | None = None, v_extra: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        q_extra: torch.Tensor | None = None,
+        k_extra: torch.Tensor | None = None,
+        v_extra: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         identity = x
         h = self.shortcut_lif(x) if self.shortcut_lif is not None else x
         out = super().forward(h, q_extra=q_extra, k_extra=k_extra, v_extra=v_extra)

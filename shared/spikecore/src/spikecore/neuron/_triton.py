@@ -101,10 +101,24 @@ def _surrogate(z, a, SURROGATE: tl.constexpr):
 
 @triton.jit
 def _lif_fwd_kernel(
-    x_ptr, v0_ptr, tau_ptr, s_ptr, vf_ptr, vseq_ptr, saved_ptr,
-    N, T, tau, v_th, v_reset,
-    SOFT: tl.constexpr, DECAY_INPUT: tl.constexpr, STORE_V: tl.constexpr, TAU_PER_NEURON: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    x_ptr,
+    v0_ptr,
+    tau_ptr,
+    s_ptr,
+    vf_ptr,
+    vseq_ptr,
+    saved_ptr,
+    N,
+    T,
+    tau,
+    v_th,
+    v_reset,
+    SOFT: tl.constexpr,
+    DECAY_INPUT: tl.constexpr,
+    STORE_V: tl.constexpr,
+    TAU_PER_NEURON: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
@@ -142,10 +156,30 @@ def _lif_fwd_kernel(
 
 @triton.jit
 def _lif_bwd_kernel(
-    gs_ptr, gv_ptr, x_ptr, v0_ptr, tau_ptr, saved_ptr, gx_ptr, gv0_ptr, gtau_ptr,
-    N, T, NC, tau, v_th, v_reset, alpha,
-    SOFT: tl.constexpr, DECAY_INPUT: tl.constexpr, DETACH: tl.constexpr, SURROGATE: tl.constexpr,
-    TAU_PER_NEURON: tl.constexpr, NEED_GTAU: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    gs_ptr,
+    gv_ptr,
+    x_ptr,
+    v0_ptr,
+    tau_ptr,
+    saved_ptr,
+    gx_ptr,
+    gv0_ptr,
+    gtau_ptr,
+    N,
+    T,
+    NC,
+    tau,
+    v_th,
+    v_reset,
+    alpha,
+    SOFT: tl.constexpr,
+    DECAY_INPUT: tl.constexpr,
+    DETACH: tl.constexpr,
+    SURROGATE: tl.constexpr,
+    TAU_PER_NEURON: tl.constexpr,
+    NEED_GTAU: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
@@ -245,16 +279,46 @@ def lif_fwd(x, v_init, tau_t, tau, v_th, v_reset, soft, decay_input, store_v_seq
     grid = (triton.cdiv(N, _FWD_BLOCK),)
     with _device_ctx(x):
         _lif_fwd_kernel[grid](
-            x, v_init, tau_arg, spikes, v_final, v_seq if store_v_seq else v_final, saved,
-            N, T, float(tau), float(v_th), float(v_reset),
-            SOFT=bool(soft), DECAY_INPUT=bool(decay_input), STORE_V=bool(store_v_seq),
-            TAU_PER_NEURON=per_neuron, CHUNK=_chunk(T), BLOCK=_FWD_BLOCK, num_warps=_FWD_WARPS,
+            x,
+            v_init,
+            tau_arg,
+            spikes,
+            v_final,
+            v_seq if store_v_seq else v_final,
+            saved,
+            N,
+            T,
+            float(tau),
+            float(v_th),
+            float(v_reset),
+            SOFT=bool(soft),
+            DECAY_INPUT=bool(decay_input),
+            STORE_V=bool(store_v_seq),
+            TAU_PER_NEURON=per_neuron,
+            CHUNK=_chunk(T),
+            BLOCK=_FWD_BLOCK,
+            num_warps=_FWD_WARPS,
         )
     return spikes, v_final, v_seq, saved
 
 
-def lif_bwd(grad_s, grad_v, x, v_init, tau_t, saved, tau, v_th, v_reset, soft, decay_input,
-            detach_reset, surrogate_id, alpha, need_grad_tau):
+def lif_bwd(
+    grad_s,
+    grad_v,
+    x,
+    v_init,
+    tau_t,
+    saved,
+    tau,
+    v_th,
+    v_reset,
+    soft,
+    decay_input,
+    detach_reset,
+    surrogate_id,
+    alpha,
+    need_grad_tau,
+):
     T, N = x.shape
     x = x.contiguous()
     grad_s = grad_s.to(x.dtype).contiguous()
@@ -273,11 +337,30 @@ def lif_bwd(grad_s, grad_v, x, v_init, tau_t, saved, tau, v_th, v_reset, soft, d
     grid = (triton.cdiv(N, _BWD_BLOCK),)
     with _device_ctx(x):
         _lif_bwd_kernel[grid](
-            grad_s, grad_v, x, v_init, tau_arg, saved if saved.numel() else v_init,
-            grad_x, grad_v_init, grad_tau if need_grad_tau else grad_v_init,
-            N, T, triton.cdiv(T, C), float(tau), float(v_th), float(v_reset), float(alpha),
-            SOFT=bool(soft), DECAY_INPUT=bool(decay_input), DETACH=bool(detach_reset),
-            SURROGATE=int(surrogate_id), TAU_PER_NEURON=per_neuron, NEED_GTAU=need_grad_tau,
-            CHUNK=C, BLOCK=_BWD_BLOCK, num_warps=_BWD_WARPS,
+            grad_s,
+            grad_v,
+            x,
+            v_init,
+            tau_arg,
+            saved if saved.numel() else v_init,
+            grad_x,
+            grad_v_init,
+            grad_tau if need_grad_tau else grad_v_init,
+            N,
+            T,
+            triton.cdiv(T, C),
+            float(tau),
+            float(v_th),
+            float(v_reset),
+            float(alpha),
+            SOFT=bool(soft),
+            DECAY_INPUT=bool(decay_input),
+            DETACH=bool(detach_reset),
+            SURROGATE=int(surrogate_id),
+            TAU_PER_NEURON=per_neuron,
+            NEED_GTAU=need_grad_tau,
+            CHUNK=C,
+            BLOCK=_BWD_BLOCK,
+            num_warps=_BWD_WARPS,
         )
     return grad_x, grad_v_init, grad_tau

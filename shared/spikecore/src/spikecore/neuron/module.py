@@ -56,8 +56,15 @@ class LIF(nn.Module):
         self.v: torch.Tensor | None = None
         self.v_seq: torch.Tensor | None = None
         # Validate the configuration once, up front, rather than at the first forward.
-        lif_multi_step(torch.zeros(1, 1), tau=2.0, v_threshold=v_threshold, v_reset=v_reset,
-                       surrogate=surrogate, alpha=alpha, backend="torch")
+        lif_multi_step(
+            torch.zeros(1, 1),
+            tau=2.0,
+            v_threshold=v_threshold,
+            v_reset=v_reset,
+            surrogate=surrogate,
+            alpha=alpha,
+            backend="torch",
+        )
 
     @property
     def tau(self) -> float | torch.Tensor:
@@ -77,9 +84,17 @@ class LIF(nn.Module):
                 )
             v_init = self.v
         out = lif_multi_step(
-            x, v_init, tau=self.tau, v_threshold=self.v_threshold, v_reset=self.v_reset,
-            decay_input=self.decay_input, detach_reset=self.detach_reset, surrogate=self.surrogate,
-            alpha=self.alpha, backend=self.backend, store_v_seq=self.store_v_seq,
+            x,
+            v_init,
+            tau=self.tau,
+            v_threshold=self.v_threshold,
+            v_reset=self.v_reset,
+            decay_input=self.decay_input,
+            detach_reset=self.detach_reset,
+            surrogate=self.surrogate,
+            alpha=self.alpha,
+            backend=self.backend,
+            store_v_seq=self.store_v_seq,
         )
         spikes, v_final = out[0], out[1]
         if self.store_v_seq:

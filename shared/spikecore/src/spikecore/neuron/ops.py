@@ -58,8 +58,21 @@ def _lif_fwd(
 
 
 @_lif_fwd.register_fake
-def _lif_fwd_fake(x, v_init, tau_t, tau, v_th, v_reset, soft, decay_input, detach_reset, surrogate_id,
-                  alpha, store_v_seq, backend):
+def _lif_fwd_fake(
+    x,
+    v_init,
+    tau_t,
+    tau,
+    v_th,
+    v_reset,
+    soft,
+    decay_input,
+    detach_reset,
+    surrogate_id,
+    alpha,
+    store_v_seq,
+    backend,
+):
     T, N = x.shape
     v_seq = x.new_empty((T, N) if store_v_seq else (0,), dtype=torch.float32)
     saved = x.new_empty((_backend_module(backend).n_saved(T), N), dtype=torch.float32)
@@ -86,14 +99,43 @@ def _lif_bwd(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _backend_module(backend).lif_bwd(
-        grad_s, grad_v, x, v_init, tau_t, saved, tau, v_th, v_reset, soft, decay_input,
-        detach_reset, surrogate_id, alpha, need_grad_tau,
+        grad_s,
+        grad_v,
+        x,
+        v_init,
+        tau_t,
+        saved,
+        tau,
+        v_th,
+        v_reset,
+        soft,
+        decay_input,
+        detach_reset,
+        surrogate_id,
+        alpha,
+        need_grad_tau,
     )
 
 
 @_lif_bwd.register_fake
-def _lif_bwd_fake(grad_s, grad_v, x, v_init, tau_t, saved, tau, v_th, v_reset, soft, decay_input,
-                  detach_reset, surrogate_id, alpha, need_grad_tau, backend):
+def _lif_bwd_fake(
+    grad_s,
+    grad_v,
+    x,
+    v_init,
+    tau_t,
+    saved,
+    tau,
+    v_th,
+    v_reset,
+    soft,
+    decay_input,
+    detach_reset,
+    surrogate_id,
+    alpha,
+    need_grad_tau,
+    backend,
+):
     N = x.shape[1]
     grad_tau = x.new_empty((N,) if need_grad_tau else (0,), dtype=torch.float32)
     return torch.empty_like(x), x.new_empty((N,), dtype=torch.float32), grad_tau
@@ -209,18 +251,22 @@ def lif_multi_step(
 
     if backend == "torch":
         return lif_reference(
-            x, v_init, tau=tau, v_threshold=v_threshold, v_reset=v_reset, decay_input=decay_input,
-            detach_reset=detach_reset, surrogate=surr.name, alpha=alpha, store_v_seq=store_v_seq,
+            x,
+            v_init,
+            tau=tau,
+            v_threshold=v_threshold,
+            v_reset=v_reset,
+            decay_input=decay_input,
+            detach_reset=detach_reset,
+            surrogate=surr.name,
+            alpha=alpha,
+            store_v_seq=store_v_seq,
         )
 
     T = x.shape[0]
     n = neuron_shape.numel()
     x2 = x.reshape(T, n).contiguous()
-    v0 = (
-        x.new_zeros((n,), dtype=torch.float32)
-        if v_init is None
-        else v_init.reshape(n).float().contiguous()
-    )
+    v0 = x.new_zeros((n,), dtype=torch.float32) if v_init is None else v_init.reshape(n).float().contiguous()
     tau_t = None
     tau_f = 2.0
     if isinstance(tau, torch.Tensor):
@@ -229,8 +275,19 @@ def lif_multi_step(
         tau_f = float(tau)
     soft = v_reset is None
     spikes, v_final, v_seq, _saved = _lif_fwd(
-        x2, v0, tau_t, tau_f, float(v_threshold), 0.0 if soft else float(v_reset), soft,
-        bool(decay_input), bool(detach_reset), surr.id, alpha, bool(store_v_seq), backend,
+        x2,
+        v0,
+        tau_t,
+        tau_f,
+        float(v_threshold),
+        0.0 if soft else float(v_reset),
+        soft,
+        bool(decay_input),
+        bool(detach_reset),
+        surr.id,
+        alpha,
+        bool(store_v_seq),
+        backend,
     )
     spikes = spikes.view(x.shape)
     v_final = v_final.view(neuron_shape)

@@ -36,9 +36,7 @@ SURROGATES: dict[str, Surrogate] = {
 def resolve(surrogate: str, alpha: float | None) -> tuple[Surrogate, float]:
     """Validate a surrogate name and fill in its default alpha."""
     if not isinstance(surrogate, str) or surrogate not in SURROGATES:
-        raise ValueError(
-            f"unknown surrogate {surrogate!r}; choose one of {', '.join(SURROGATES)}"
-        )
+        raise ValueError(f"unknown surrogate {surrogate!r}; choose one of {', '.join(SURROGATES)}")
     s = SURROGATES[surrogate]
     if alpha is None:
         alpha = s.default_alpha

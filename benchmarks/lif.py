@@ -1,0 +1,171 @@
+"""Multi-step LIF, forward and forward+backward: spikecore's fused kernel vs spikingjelly vs the eager loop.
+
+    python benchmarks/lif.py [--device cpu|cuda] [--quick]
+
+Per config (T steps, N neurons, dtype), all in one run:
+- ``ours``: ``spikecore.lif_multi_step(x, tau=2.0, detach_reset=True, backend="cpu"|"triton")``;
+- ``sj``: spikingjelly 2.0's ``neuron.LIFNode(tau=2.0, step_mode='m', detach_reset=True)`` (reset before
+  every call) for float32 input. For fp16/bf16 input the node would keep an fp16 state and fall back to its
+  Python loop, so there the row uses the op the node calls, ``functional.neuron.lif_multi_step``, with an
+  fp32 initial membrane. On CPU that is its torch implementation; on CUDA its automatic choice, the first
+  that loads of native CUDA, Triton, torch (``SJ_LIF_CUDA_IMPLEMENTATION`` overrides; the ``sj_impl``
+  column says which ran);
+- ``eager``: ``spikecore.lif_multi_step(..., backend="torch")``, the plain PyTorch loop.
+
+Columns: ``pass`` fwd (under no_grad) or fwd+bwd; ``*_ms`` median times; ``x_sj`` / ``x_eager`` our speed-up
+(their time / ours); ``floor_ms``: bytes the op must move over the measured copy bandwidth (forward reads x
+and writes s; backward reads grad s, re-reads x and writes grad x); ``ours/floor``; ``saved_B_*``: bytes kept
+for backward per neuron-step, measured with saved_tensors_hooks; ``peak_MiB_*`` (CUDA): peak memory of one
+forward+backward above the inputs.
+"""
+
+import argparse
+import functools
+import time
+
+import torch
+from _common import (
+    add_common_args,
+    apply_threads,
+    copy_bandwidth_gbs,
+    cuda_peak_bytes,
+    save,
+    saved_bytes,
+    sync,
+    time_many,
+)
+
+import spikecore
+
+LEGEND = (
+    "ours = spikecore fused kernel, sj = spikingjelly 2.0 LIFNode (fp32; its lif_multi_step op for "
+    "fp16/bf16), eager = PyTorch loop; "
+    "x_sj / x_eager = their ms / our ms; floor = bytes moved (fwd: x, s; bwd: grad s, x, grad x) / copy "
+    "bandwidth; saved_B = bytes saved for backward per neuron-step (saved_tensors_hooks); peak = CUDA peak "
+    "MiB of one fwd+bwd."
+)
+
+
+def impls(device: str, ours_backend: str) -> dict:
+    from spikingjelly.activation_based import functional, neuron, surrogate
+    from spikingjelly.activation_based.functional.neuron import lif_multi_step as sj_lif
+
+    sg = surrogate.Sigmoid()
+    node = neuron.LIFNode(tau=2.0, step_mode="m", detach_reset=True, surrogate_function=sg).to(device)
+
+    def ours(x):
+        return spikecore.lif_multi_step(x, tau=2.0, detach_reset=True, backend=ours_backend)[0]
+
+    def eager(x):
+        return spikecore.lif_multi_step(x, tau=2.0, detach_reset=True, backend="torch")[0]
+
+    def sj(x):
+        if x.dtype == torch.float32:
+            functional.reset_net(node)
+            return node(x)
+        v0 = torch.zeros(x.shape[1:], dtype=torch.float32, device=x.device)
+        return sj_lif(x, v0, 2.0, True, 1.0, 0.0, sg, True)[0]
+
+    return {"ours": ours, "sj": sj, "eager": eager}
+
+
+def sj_impl_name(device: str) -> str:
+    if device == "cpu":
+        return "torch"
+    try:
+        from spikingjelly._ops.lif import _selection
+
+        return _selection.diagnostics(torch.device("cuda"))["implementation"]
+    except Exception as e:  # private API: report rather than fail
+        return f"? ({type(e).__name__})"
+
+
+def first_call(fn, device: str) -> float:
+    """Seconds of the first forward+backward in this process: JIT compilation or cache loading included."""
+    x = torch.randn(4, 1000, device=device, requires_grad=True)
+    start = time.perf_counter()
+    fn(x).sum().backward()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def bench_config(fns: dict, T: int, N: int, dtype: torch.dtype, device: str, bw_gbs: float) -> list[dict]:
+    x = (torch.randn(T, N, device=device) * 1.5 + 1.0).to(dtype)  # fresh input, a real firing rate
+    g = torch.randn(T, N, device=device).to(dtype)
+    xg = x.clone().requires_grad_()
+    esize = x.element_size()
+    floor_bytes = {"fwd": T * N * 2 * esize, "fwd+bwd": T * N * 5 * esize}
+    rows = {p: {"T": T, "N": N, "dtype": str(dtype).removeprefix("torch."), "pass": p} for p in floor_bytes}
+
+    def fwd(fn):
+        with torch.no_grad():
+            fn(x)
+
+    def fwd_bwd(fn):
+        xg.grad = None
+        fn(xg).backward(g)
+
+    for p, step in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+        times = time_many({name: functools.partial(step, fn) for name, fn in fns.items()}, device)
+        rows[p].update({f"{name}_ms": ms for name, ms in times.items()})
+    for name, fn in fns.items():
+        if rows["fwd+bwd"][f"{name}_ms"] is None:
+            continue
+        rows["fwd+bwd"][f"saved_B_{name}"] = saved_bytes(lambda fn=fn: fn(xg)) / (T * N)
+        if device == "cuda" and name != "eager":
+            xg.grad = None  # so that the baseline holds only the inputs
+            rows["fwd+bwd"][f"peak_MiB_{name}"] = cuda_peak_bytes(lambda fn=fn: fwd_bwd(fn)) / 2**20
+    out = []
+    for p, r in rows.items():
+        ours = r.get("ours_ms")
+        for other in ("sj", "eager"):
+            if ours and r.get(f"{other}_ms"):
+                r[f"x_{other}"] = r[f"{other}_ms"] / ours
+        r["floor_ms"] = floor_bytes[p] / (bw_gbs * 1e9) * 1e3
+        if ours:
+            r["ours/floor"] = ours / r["floor_ms"]
+        out.append(r)
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(ap)
+    ap.add_argument("--ours-backend", help="spikecore backend of 'ours' (default: cpu, or triton on CUDA)")
+    args = ap.parse_args(argv)
+    apply_threads(args)
+    dev = args.device
+    torch.manual_seed(0)
+    N = 2**12 if args.quick else 2**20
+    Ts = (4,) if args.quick else (4, 8, 16)
+    configs = [(T, N, torch.float32) for T in Ts]
+    if dev == "cpu":
+        configs.append((4, N, torch.bfloat16))
+    else:
+        configs += [(T, N, dt) for dt in (torch.float16, torch.bfloat16) for T in Ts]
+        configs.append((4, 2**12 if args.quick else 4_194_304, torch.float16))  # spec section 5
+
+    fns = impls(dev, args.ours_backend or ("cpu" if dev == "cpu" else "triton"))
+    first_call_s = first_call(fns["ours"], dev)
+    bw = copy_bandwidth_gbs(dev, 2**22 if args.quick else 2**28)
+    print(f"copy bandwidth {bw:.1f} GB/s; ours first call {first_call_s:.2f} s; sj: {sj_impl_name(dev)}")
+    rows = []
+    for T, n, dt in configs:
+        print(f"LIF T={T} N={n} {dt} ...", flush=True)
+        rows += bench_config(fns, T, n, dt, dev, bw)
+    for r in rows:
+        if r["pass"] == "fwd+bwd":
+            r["sj_impl"] = sj_impl_name(dev)
+    save(
+        "lif",
+        dev,
+        rows,
+        write=not args.quick,
+        copy_bw_gbs=round(bw, 1),
+        ours_first_call_s=round(first_call_s, 2),
+        legend=LEGEND,
+    )
+
+
+if __name__ == "__main__":
+    main()
