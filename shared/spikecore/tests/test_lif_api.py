@@ -95,12 +95,13 @@ def test_custom_ops_pass_opcheck(backend):
     x = (torch.randn(5, 17, device=dev) + 0.7).requires_grad_()
     v0 = torch.rand(17, device=dev).requires_grad_()
     tau_t = (torch.rand(17, device=dev) + 1.5).requires_grad_()
-    args = (x, v0, tau_t, 2.0, 1.0, 0.0, False, True, True, 0, 4.0, True, backend)
-    torch.library.opcheck(
-        torch.ops.spikecore.lif_fwd.default,
-        args,
-        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
-    )
+    for v_init, tau in ((v0, tau_t), (None, None)):  # given state and PLIF tau; zeros and a float tau
+        args = (x, v_init, tau, 2.0, 1.0, 0.0, False, True, True, 0, 4.0, True, backend)
+        torch.library.opcheck(
+            torch.ops.spikecore.lif_fwd.default,
+            args,
+            test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+        )
 
 
 def test_torch_compile_traces_the_op():

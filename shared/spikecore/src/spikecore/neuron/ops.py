@@ -10,8 +10,9 @@ tensors, so the autograd and ``torch.compile`` plumbing here is written once:
           detach_reset, surrogate_id, alpha, need_grad_tau)``
     -> ``grad_x[T,N]`` (x's dtype), ``grad_v_init[N]`` f32, ``grad_tau[N]`` f32 (``[0]`` when not asked).
 
-Only ``x`` (in its own dtype), ``v_init`` and the few checkpoints are saved for backward; the membrane is
-recomputed there. ``tau_t`` (per-neuron tau, PLIF) overrides the float ``tau`` when given.
+Only ``x`` (in its own dtype), ``v_init`` (when the caller gave one; otherwise the op makes the zeros
+itself) and the few checkpoints are saved for backward; the membrane is recomputed there. ``tau_t``
+(per-neuron tau, PLIF) overrides the float ``tau`` when given.
 """
 
 import importlib
@@ -26,6 +27,10 @@ BACKENDS = ("auto", "triton", "cpu", "torch")
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def _zeros_if_none(v_init: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    return x.new_zeros((x.shape[1],), dtype=torch.float32) if v_init is None else v_init
+
+
 def _backend_module(name: str):
     return importlib.import_module(f"spikecore.neuron._{name}")
 
@@ -37,7 +42,7 @@ def _empty_like_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
 @torch.library.custom_op("spikecore::lif_fwd", mutates_args=())
 def _lif_fwd(
     x: torch.Tensor,
-    v_init: torch.Tensor,
+    v_init: torch.Tensor | None,
     tau_t: torch.Tensor | None,
     tau: float,
     v_th: float,
@@ -52,6 +57,8 @@ def _lif_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     # detach_reset, surrogate_id and alpha only shape the backward; they are inputs here so that the
     # autograd context gets them without any state outside the op.
+    # No v_init means zeros, made here rather than by the caller: nothing per neuron is saved for backward.
+    v_init = _zeros_if_none(v_init, x)
     return _backend_module(backend).lif_fwd(
         x, v_init, tau_t, tau, v_th, v_reset, soft, decay_input, store_v_seq
     )
@@ -84,7 +91,7 @@ def _lif_bwd(
     grad_s: torch.Tensor,
     grad_v: torch.Tensor,
     x: torch.Tensor,
-    v_init: torch.Tensor,
+    v_init: torch.Tensor | None,
     tau_t: torch.Tensor | None,
     saved: torch.Tensor,
     tau: float,
@@ -98,6 +105,7 @@ def _lif_bwd(
     need_grad_tau: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    v_init = _zeros_if_none(v_init, x)
     return _backend_module(backend).lif_bwd(
         grad_s,
         grad_v,
@@ -151,11 +159,15 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_s, grad_v, _grad_v_seq, _grad_saved):
     x, v_init, tau_t, saved = ctx.saved_tensors
     grad_s = torch.zeros_like(x) if grad_s is None else grad_s.to(x.dtype).contiguous()
-    grad_v = torch.zeros_like(v_init) if grad_v is None else grad_v.float().contiguous()
+    if grad_v is None:
+        grad_v = x.new_zeros((x.shape[1],), dtype=torch.float32)
+    else:
+        grad_v = grad_v.float().contiguous()
     need_grad_tau = tau_t is not None and ctx.needs_input_grad[2]
     grad_x, grad_v_init, grad_tau = _lif_bwd(
         grad_s, grad_v, x, v_init, tau_t, saved, *ctx.params, need_grad_tau, ctx.backend
     )
+    grad_v_init = grad_v_init if v_init is not None else None
     return grad_x, grad_v_init, (grad_tau if need_grad_tau else None), *([None] * 10)
 
 
@@ -266,7 +278,7 @@ def lif_multi_step(
     T = x.shape[0]
     n = neuron_shape.numel()
     x2 = x.reshape(T, n).contiguous()
-    v0 = x.new_zeros((n,), dtype=torch.float32) if v_init is None else v_init.reshape(n).float().contiguous()
+    v0 = None if v_init is None else v_init.reshape(n).float().contiguous()
     tau_t = None
     tau_f = 2.0
     if isinstance(tau, torch.Tensor):
