@@ -118,3 +118,23 @@ def test_torch_compile_traces_the_op():
     out_e.sum().backward()
     out_c.sum().backward()
     torch.testing.assert_close(xc.grad, xe.grad)
+
+
+def test_torch_compile_with_inductor_on_a_model():
+    """The default compiler (Inductor, C++ on CPU) builds a model around the custom op: same outputs and
+    gradients as eager (about 15 s of compilation on 2 cores)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    lif = spikecore.LIF(detach_reset=True)
+
+    def f(x):
+        return lif(model(x)).sum(0)
+
+    x = torch.randn(4, 3, 8, requires_grad=True)
+    out_c = torch.compile(f, fullgraph=True)(x)
+    out_c.sum().backward()
+    grad_c, x.grad = x.grad, None
+    out_e = f(x)
+    out_e.sum().backward()
+    torch.testing.assert_close(out_c, out_e, rtol=0, atol=0)
+    torch.testing.assert_close(grad_c, x.grad)

@@ -5,6 +5,9 @@ file covers what is specific to the CPU kernels: the in-kernel fp16/bf16 bit con
 N, N smaller than a block), long T, the per-neuron tau gradient, v_seq, and an independent peer.
 """
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -170,3 +173,18 @@ def test_threads_and_empty():
         torch.set_num_threads(old)
     s2, v2 = lif_multi_step(x, v0, backend="cpu")
     assert torch.equal(s1, s2) and torch.equal(v1, v2)
+
+
+def test_the_cpu_kernels_leave_torchs_thread_count_alone():
+    """numba's OpenMP start-up (its first launch in a process) resizes the pool torch shares; the op must
+    restore the user's setting. A fresh process, since only the first launch does it."""
+    code = (
+        "import torch, spikecore\n"
+        "torch.set_num_threads(1)\n"
+        "x = (torch.randn(4, 300) + 0.8).requires_grad_()\n"
+        "s, _ = spikecore.lif_multi_step(x, backend='cpu')\n"
+        "s.sum().backward()\n"
+        "print(torch.get_num_threads())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split()[-1] == "1"

@@ -22,7 +22,8 @@ Contract: see ``ops.py``. Design:
 * The forward arithmetic repeats the reference's operation order in float32 with no fast-math, so fp32
   spikes are bit-identical to ``lif_reference``. The backward's surrogates use a vectorisable float32
   ``exp`` (Cephes polynomial, ~1 ulp) because numba has no vector math library here (no SVML).
-* Threads: ``numba.set_num_threads(torch.get_num_threads())`` before each launch. Threading layer: 'omp'
+* Threads: ``numba.set_num_threads(torch.get_num_threads())`` before each launch, torch's own count
+  restored after it (see ``_launch``). Threading layer: 'omp'
   first (see ``_configure_threading``). Parallel chunks of consecutive blocks, scratch allocated once per
   chunk (a malloc per 128 KiB block went through mmap and faulted fresh pages every time).
 * Compile cost (2 shared cores): first call without the on-disk cache ~10 s forward + ~11 s backward for
@@ -628,10 +629,21 @@ def _block(T: int, N: int, threads: int) -> tuple[int, int]:
     return block, max(1, min(nb, 4 * threads))
 
 
-def _threads() -> int:
-    n = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
-    numba.set_num_threads(max(1, n))
-    return n
+def _launch(kernel, T: int, N: int, *args) -> None:
+    """Run a parallel kernel on torch's thread count, leaving torch's own setting as it was.
+
+    numba's OpenMP start-up (its first parallel launch in a process) resizes the OpenMP pool that torch
+    reads its thread count from: without the restore, a user's ``torch.set_num_threads(1)`` silently
+    became 2 after the first call.
+    """
+    torch_threads = torch.get_num_threads()
+    threads = max(1, min(torch_threads, numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(threads)
+    try:
+        kernel(*args, *_block(T, N, threads))
+    finally:
+        if torch.get_num_threads() != torch_threads:
+            torch.set_num_threads(torch_threads)
 
 
 def _check(x: torch.Tensor) -> None:
@@ -648,10 +660,12 @@ def lif_fwd(x, v_init, tau_t, tau, v_th, v_reset, soft, decay_input, store_v_seq
     saved = torch.empty((0, N), dtype=torch.float32)
     if N == 0:
         return spikes, v_final, v_seq, saved
-    block, nchunk = _block(T, N, _threads())
     tau_arr = _DUMMY_TAU if tau_t is None else tau_t.detach().float().contiguous().numpy()
     vs = v_seq.numpy() if store_v_seq else np.empty((0, 0), dtype=np.float32)
-    _fwd_kernel(
+    _launch(
+        _fwd_kernel,
+        T,
+        N,
         _bits(x),
         _KIND[x.dtype],
         v_init.detach().float().contiguous().numpy(),
@@ -667,8 +681,6 @@ def lif_fwd(x, v_init, tau_t, tau, v_th, v_reset, soft, decay_input, store_v_seq
         v_final.numpy(),
         vs,
         bool(store_v_seq),
-        block,
-        nchunk,
     )
     return spikes, v_final, v_seq, saved
 
@@ -699,9 +711,11 @@ def lif_bwd(
     grad_tau = torch.empty(N if need_grad_tau else 0, dtype=torch.float32)
     if N == 0:
         return grad_x, grad_v_init, grad_tau
-    block, nchunk = _block(T, N, _threads())
     if tau_t is None:
-        _bwd_kernel_shared_tau(
+        _launch(
+            _bwd_kernel_shared_tau,
+            T,
+            N,
             _bits(x),
             _bits(grad_s),
             _KIND[x.dtype],
@@ -717,12 +731,13 @@ def lif_bwd(
             float(alpha),
             _bits(grad_x),
             grad_v_init.numpy(),
-            block,
-            nchunk,
         )
         return grad_x, grad_v_init, grad_tau
     tau_arr = tau_t.detach().float().contiguous().numpy()
-    _bwd_kernel(
+    _launch(
+        _bwd_kernel,
+        T,
+        N,
         _bits(x),
         _bits(grad_s),
         _KIND[x.dtype],
@@ -742,7 +757,5 @@ def lif_bwd(
         _bits(grad_x),
         grad_v_init.numpy(),
         grad_tau.numpy(),
-        block,
-        nchunk,
     )
     return grad_x, grad_v_init, grad_tau
