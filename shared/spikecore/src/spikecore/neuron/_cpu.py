@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from llvmlite import ir
 from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 
 def _configure_threading() -> None:
@@ -220,18 +220,31 @@ def _store(f, kind):
     return _f2h(f)
 
 
+def _tau_at(tau, j):
+    """``tau[j]`` for a per-neuron row, ``tau`` itself for one shared float (resolved when compiled)."""
+
+
+@overload(_tau_at, jit_options={"cache": True})
+def _tau_at_impl(tau, j):
+    if isinstance(tau, types.Array):
+        return lambda tau, j: tau[j]
+    return lambda tau, j: tau
+
+
 @njit(cache=True, error_model="numpy")
-def _step_row(kind, xr, v, tau_b, vr, vth, soft, decay_input, out, one_bits, write_h, n):
+def _step_row(kind, xr, v, tau, vr, vth, soft, decay_input, out, one_bits, write_h, n):
     """One time step for a row of neurons: H from x (loaded in ``kind``), the spike, the reset.
 
     Writes the spike bits (``one_bits`` or 0) to ``out``, or H itself when ``write_h`` (the backward's
     recompute). The reference's operation order in float32, no fast-math: fp32 spikes stay bit-identical.
-    Called with a literal ``kind`` so that the dtype branch folds away and the loop vectorises.
+    Called with a literal ``kind`` so that the dtype branch folds away and the loop vectorises. ``tau`` is
+    a per-neuron row (PLIF) or one float: the float keeps the loop to three arrays, under LLVM's limit of
+    runtime alias checks, so it vectorises (a tau row in the shared case tipped it over).
     """
     if decay_input:
         for j in range(n):
             vv = v[j]
-            h = vv + (_load(xr[j], kind) - (vv - vr)) / tau_b[j]
+            h = vv + (_load(xr[j], kind) - (vv - vr)) / _tau_at(tau, j)
             spk = (h - vth) >= _F32(0.0)
             if write_h:
                 out[j] = h
@@ -242,35 +255,7 @@ def _step_row(kind, xr, v, tau_b, vr, vth, soft, decay_input, out, one_bits, wri
     else:
         for j in range(n):
             vv = v[j]
-            h = (vv - (vv - vr) / tau_b[j]) + _load(xr[j], kind)
-            spk = (h - vth) >= _F32(0.0)
-            if write_h:
-                out[j] = h
-            else:
-                out[j] = one_bits if spk else 0
-            rst = h - vth if soft else vr
-            v[j] = rst if spk else h
-
-
-@njit(cache=True, error_model="numpy")
-def _step_row_scalar(kind, xr, v, tau, vr, vth, soft, decay_input, out, one_bits, write_h, n):
-    """``_step_row`` for one tau shared by all neurons: three arrays per loop, so LLVM's runtime alias
-    checks stay under its limit and the loop vectorises (the per-neuron tau array tipped it over)."""
-    if decay_input:
-        for j in range(n):
-            vv = v[j]
-            h = vv + (_load(xr[j], kind) - (vv - vr)) / tau
-            spk = (h - vth) >= _F32(0.0)
-            if write_h:
-                out[j] = h
-            else:
-                out[j] = one_bits if spk else 0
-            rst = h - vth if soft else vr
-            v[j] = rst if spk else h
-    else:
-        for j in range(n):
-            vv = v[j]
-            h = (vv - (vv - vr) / tau) + _load(xr[j], kind)
+            h = (vv - (vv - vr) / _tau_at(tau, j)) + _load(xr[j], kind)
             spk = (h - vth) >= _F32(0.0)
             if write_h:
                 out[j] = h
@@ -391,11 +376,11 @@ def _fwd_kernel(
                 sr = s_out[t, j0 : j0 + n]
                 if not per_neuron:
                     if kind == 0:
-                        _step_row_scalar(0, xr, v, tau_c, vr, vth, soft, decay_input, sr, one_bits, False, n)
+                        _step_row(0, xr, v, tau_c, vr, vth, soft, decay_input, sr, one_bits, False, n)
                     elif kind == 1:
-                        _step_row_scalar(1, xr, v, tau_c, vr, vth, soft, decay_input, sr, one_bits, False, n)
+                        _step_row(1, xr, v, tau_c, vr, vth, soft, decay_input, sr, one_bits, False, n)
                     else:
-                        _step_row_scalar(2, xr, v, tau_c, vr, vth, soft, decay_input, sr, one_bits, False, n)
+                        _step_row(2, xr, v, tau_c, vr, vth, soft, decay_input, sr, one_bits, False, n)
                 elif kind == 0:
                     _step_row(0, xr, v, tau_b, vr, vth, soft, decay_input, sr, one_bits, False, n)
                 elif kind == 1:
@@ -577,11 +562,11 @@ def _bwd_kernel_shared_tau(
             for t in range(T):
                 xr = xb[t, j0 : j0 + n]
                 if kind == 0:
-                    _step_row_scalar(0, xr, v, tau, vr, vth, soft, decay_input, hs[t], 0, True, n)
+                    _step_row(0, xr, v, tau, vr, vth, soft, decay_input, hs[t], 0, True, n)
                 elif kind == 1:
-                    _step_row_scalar(1, xr, v, tau, vr, vth, soft, decay_input, hs[t], 0, True, n)
+                    _step_row(1, xr, v, tau, vr, vth, soft, decay_input, hs[t], 0, True, n)
                 else:
-                    _step_row_scalar(2, xr, v, tau, vr, vth, soft, decay_input, hs[t], 0, True, n)
+                    _step_row(2, xr, v, tau, vr, vth, soft, decay_input, hs[t], 0, True, n)
             for t in range(T - 1, -1, -1):
                 hr = hs[t]
                 _surrogate_row(surrogate_id, a, vth, hr, sg, n)
