@@ -9,6 +9,9 @@ with N = H*W), ``dim = C``, 8 heads. ``fwd+bwd`` is one forward and ``out.backwa
 reset with ``functional.reset_net`` before every call; ours are stateless by default. spikingjelly's
 SpikingSelfAttention computes ``(V K^T) Q``, i.e. the linear order, and is the reference for both SSA rows.
 ``ours/sj`` is our time over theirs (below 1: ours is faster).
+
+On CUDA an extra row, "SDSA fused (triton)", runs the same SDSA module with its attention core on the fused
+Triton kernel (``sdsa(backend="triton")``: K*V reduction, attention LIF and Q*KV in one launch).
 """
 
 import argparse
@@ -38,6 +41,32 @@ def modules(dim: int, heads: int, backend: str) -> list[tuple[str, torch.nn.Modu
         ("FF-LiDiff", A.FFLiDiffAttention(dim, heads, **kw), None),
         ("FB-LiDiff (with feedback)", A.FBLiDiffAttention(dim, heads, **kw), None),
     ]
+
+
+def fused_sdsa(dim: int, heads: int, backend: str) -> torch.nn.Module:
+    """SDSA whose attention core is the fused Triton kernel, with ``attn_lif``'s options (stateless)."""
+    from spikecore import attention as A
+    from spikecore.attention import functional as F
+
+    class FusedSDSA(A.SpikeDrivenSelfAttention):
+        def attend(self, q, k, v):
+            n = self.attn_lif
+            assert not n.stateful and n.decay_input and n.w is None, "the fused core is a stateless LIF"
+            return F.sdsa(
+                q,
+                k,
+                v,
+                self.num_heads,
+                tau=n.tau,
+                v_threshold=n.v_threshold,
+                v_reset=n.v_reset,
+                detach_reset=n.detach_reset,
+                surrogate=n.surrogate,
+                alpha=n.alpha,
+                backend="triton",
+            )
+
+    return FusedSDSA(dim, heads, backend=backend)
 
 
 def sj_module(name: str, dim: int, heads: int) -> torch.nn.Module:
@@ -93,7 +122,12 @@ def main(argv=None) -> None:
     x = (torch.rand(T, B, C, N, device=dev) < 0.2).float().requires_grad_()
     feedback = (torch.rand(T, B, C, N, device=dev) < 0.2).float()
     rows = []
-    for name, ours, sj_name in modules(C, heads, args.ours_backend):
+    cases = modules(C, heads, args.ours_backend)
+    if dev == "cuda":
+        cases.insert(
+            3, ("SDSA fused (triton)", fused_sdsa(C, heads, args.ours_backend), "SpikeDrivenSelfAttention")
+        )
+    for name, ours, sj_name in cases:
         ours = ours.to(dev).train()
         extra = {"feedback": feedback} if name.startswith("FB") else {}
         g = torch.randn(T, B, C, N, device=dev)

@@ -16,11 +16,14 @@ Conventions shared by every function here (spikecore.md section 3):
   carry its membrane across TDFormer segments). ``backend`` is passed through to ``lif_multi_step``.
 """
 
+import importlib.util
+import os
 from collections.abc import Callable
 
 import torch
 
-from ..neuron.ops import lif_multi_step
+from ..neuron.ops import _FUSED_DTYPES, BACKENDS, lif_multi_step
+from ..neuron.surrogate import resolve
 
 __all__ = ["fb_lidiff", "ff_lidiff", "qkca", "qkta", "sdsa", "split_heads", "ssa"]
 
@@ -50,7 +53,7 @@ def _check_same(name: str, a: torch.Tensor, ref: torch.Tensor) -> None:
         )
 
 
-def _attn_lif(x, neuron, tau, v_threshold, detach_reset, surrogate, alpha, backend):
+def _attn_lif(x, neuron, tau, v_threshold, detach_reset, surrogate, alpha, backend, v_reset=0.0):
     """The attention neuron: ``neuron(x)`` if given, else ``lif_multi_step`` with these options."""
     if neuron is not None:
         return neuron(x)
@@ -58,7 +61,7 @@ def _attn_lif(x, neuron, tau, v_threshold, detach_reset, surrogate, alpha, backe
         x,
         tau=tau,
         v_threshold=v_threshold,
-        v_reset=0.0,
+        v_reset=v_reset,
         detach_reset=detach_reset,
         surrogate=surrogate,
         alpha=alpha,
@@ -138,19 +141,71 @@ def sdsa(
     alpha: float | None = None,
     backend: str = "auto",
     neuron: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    v_reset: float | None = 0.0,
 ) -> torch.Tensor:
     """Spike-driven self-attention (SDT v1): ``KV = LIF_0.5(sum_tokens K * V)`` per channel; ``Y = Q * KV``.
 
     ``KV`` is ``[T, B, C, 1]`` (one neuron per head-channel), broadcast over the tokens. The reduction is
     per channel, so ``heads`` does not change the result; it is only checked to divide ``C``. Returns
-    ``Q * KV`` ``[T, B, C, N]`` (post-LIF).
+    ``Q * KV`` ``[T, B, C, N]`` (post-LIF). ``v_reset`` is the attention LIF's reset (``None``: soft).
+
+    Without a custom ``neuron``, ``backend="triton"`` (or ``"auto"`` on CUDA tensors of one dtype among
+    float32 / float16 / bfloat16) runs the fused Triton kernel (``spikecore.attention._triton``): the
+    ``K * V`` reduction, the LIF over T and ``Q * KV`` in one launch, without the full-size ``K * V``
+    temporary; one launch for the backward too. A ``neuron`` callable always takes the PyTorch path.
     """
     _check_same("k", k, q)
     _check_same("v", v, q)
     split_heads(q, heads)
+    if neuron is None and _use_fused_sdsa(q, k, v, backend):
+        from . import _triton
+
+        surr, alpha = resolve(surrogate, alpha)
+        if not float(tau) > 0:
+            raise ValueError(f"tau must be positive, got {tau}")
+        return _triton.sdsa_fused(
+            q,
+            k,
+            v,
+            tau=float(tau),
+            v_threshold=float(v_threshold),
+            v_reset=v_reset,
+            detach_reset=detach_reset,
+            surrogate_id=surr.id,
+            alpha=alpha,
+        )
     kv = (k * v).sum(dim=-1, keepdim=True)
-    kv = _attn_lif(kv, neuron, tau, v_threshold, detach_reset, surrogate, alpha, backend)
+    kv = _attn_lif(kv, neuron, tau, v_threshold, detach_reset, surrogate, alpha, backend, v_reset)
     return q * kv
+
+
+def _use_fused_sdsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> bool:
+    """Whether :func:`sdsa` takes the fused Triton kernel (no custom neuron is checked by the caller)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    same = q.dtype == k.dtype == v.dtype and q.device == k.device == v.device
+    if backend == "auto":
+        return (
+            q.is_cuda and same and q.dtype in _FUSED_DTYPES and importlib.util.find_spec("triton") is not None
+        )
+    if backend != "triton":
+        return False
+    if not same:
+        raise TypeError(
+            "backend='triton' for sdsa needs q, k, v of one dtype on one device, got "
+            f"{q.dtype}/{k.dtype}/{v.dtype} on {q.device}/{k.device}/{v.device}"
+        )
+    if q.dtype not in _FUSED_DTYPES:
+        raise TypeError(
+            f"backend='triton' takes float32, float16 or bfloat16 input, got {q.dtype}; "
+            "use backend='torch' for float64"
+        )
+    if not (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        raise ValueError(
+            "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before import to run the "
+            "kernels on the CPU for testing); use backend='auto' or 'cpu' for CPU tensors"
+        )
+    return True
 
 
 def qkta(
