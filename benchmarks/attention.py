@@ -10,8 +10,9 @@ reset with ``functional.reset_net`` before every call; ours are stateless by def
 SpikingSelfAttention computes ``(V K^T) Q``, i.e. the linear order, and is the reference for both SSA rows.
 ``ours/sj`` is our time over theirs (below 1: ours is faster).
 
-On CUDA an extra row, "SDSA fused (triton)", runs the same SDSA module with its attention core on the fused
-Triton kernel (``sdsa(backend="triton")``: K*V reduction, attention LIF and Q*KV in one launch).
+On CUDA the SDSA module's attention core is the fused Triton kernel (K*V reduction, attention LIF and Q*KV
+in one launch); an extra row, "SDSA unfused (PyTorch core)", runs the same module with the PyTorch core on
+top of the fused LIF, so the two rows say what the fusion is worth.
 """
 
 import argparse
@@ -43,30 +44,15 @@ def modules(dim: int, heads: int, backend: str) -> list[tuple[str, torch.nn.Modu
     ]
 
 
-def fused_sdsa(dim: int, heads: int, backend: str) -> torch.nn.Module:
-    """SDSA whose attention core is the fused Triton kernel, with ``attn_lif``'s options (stateless)."""
+def unfused_sdsa(dim: int, heads: int, backend: str) -> torch.nn.Module:
+    """SDSA with the PyTorch attention core (the fused Triton core switched off)."""
     from spikecore import attention as A
-    from spikecore.attention import functional as F
 
-    class FusedSDSA(A.SpikeDrivenSelfAttention):
-        def attend(self, q, k, v):
-            n = self.attn_lif
-            assert not n.stateful and n.decay_input and n.w is None, "the fused core is a stateless LIF"
-            return F.sdsa(
-                q,
-                k,
-                v,
-                self.num_heads,
-                tau=n.tau,
-                v_threshold=n.v_threshold,
-                v_reset=n.v_reset,
-                detach_reset=n.detach_reset,
-                surrogate=n.surrogate,
-                alpha=n.alpha,
-                backend="triton",
-            )
+    class UnfusedSDSA(A.SpikeDrivenSelfAttention):
+        def fused_core(self, q):
+            return False
 
-    return FusedSDSA(dim, heads, backend=backend)
+    return UnfusedSDSA(dim, heads, backend=backend)
 
 
 def sj_module(name: str, dim: int, heads: int) -> torch.nn.Module:
@@ -125,7 +111,12 @@ def main(argv=None) -> None:
     cases = modules(C, heads, args.ours_backend)
     if dev == "cuda":
         cases.insert(
-            3, ("SDSA fused (triton)", fused_sdsa(C, heads, args.ours_backend), "SpikeDrivenSelfAttention")
+            3,
+            (
+                "SDSA unfused (PyTorch core)",
+                unfused_sdsa(C, heads, args.ours_backend),
+                "SpikeDrivenSelfAttention",
+            ),
         )
     for name, ours, sj_name in cases:
         ours = ours.to(dev).train()

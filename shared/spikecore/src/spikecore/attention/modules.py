@@ -211,8 +211,30 @@ class SpikeDrivenSelfAttention(_SpikingAttention):
         self.shortcut_lif = self.make_lif(neuron.get("v_threshold", 1.0)) if shortcut_lif else None
         self.residual = residual
 
+    def fused_core(self, q: torch.Tensor) -> bool:
+        """Whether :meth:`attend` takes the fused Triton SDSA core: on CUDA (or with backend="triton") and
+        with a plain stateless attention LIF, whose options the kernel then takes over."""
+        lif = self.attn_lif
+        plain = not (lif.stateful or lif.store_v_seq) and lif.w is None and lif.decay_input
+        return plain and (q.is_cuda or lif.backend == "triton")
+
     def attend(self, q, k, v):
-        return F.sdsa(q, k, v, self.num_heads, neuron=self.attn_lif)
+        if not self.fused_core(q):
+            return F.sdsa(q, k, v, self.num_heads, neuron=self.attn_lif)
+        lif = self.attn_lif
+        return F.sdsa(
+            q,
+            k,
+            v,
+            self.num_heads,
+            tau=lif.tau,
+            v_threshold=lif.v_threshold,
+            v_reset=lif.v_reset,
+            detach_reset=lif.detach_reset,
+            surrogate=lif.surrogate,
+            alpha=lif.alpha,
+            backend=lif.backend,
+        )
 
     def forward(
         self,
