@@ -366,11 +366,9 @@ def _fwd_kernel(
             n = min(block, N - j0)
             for j in range(n):
                 v[j] = v_init[j0 + j]
-            if per_neuron:
+            if per_neuron:  # a shared tau is passed to the rows as the float itself
                 for j in range(n):
                     tau_b[j] = tau_arr[j0 + j]
-            else:
-                tau_b[:] = tau_c
             for t in range(T):
                 xr = xb[t, j0 : j0 + n]
                 sr = s_out[t, j0 : j0 + n]
