@@ -14,8 +14,6 @@ import torch
 from spikecore import lif_multi_step, lif_reference
 from spikecore.neuron import _cpu
 
-pytest.importorskip("numba")
-
 
 def _run(fn, x, v0, tau, gs, gv, **kw):
     x = x.detach().clone().requires_grad_()
@@ -144,8 +142,9 @@ def test_v_seq_and_segments():
 
 @pytest.mark.parametrize("T", [4, 33])
 def test_matches_spikingjelly_lifnode(T):
-    sj = pytest.importorskip("spikingjelly.activation_based.neuron")
-    surrogate = pytest.importorskip("spikingjelly.activation_based.surrogate")
+    from spikingjelly.activation_based import neuron as sj
+    from spikingjelly.activation_based import surrogate
+
     N = 4099
     x, _, gs, _ = _inputs(T, N)
     # spikingjelly 2.0's LIFNode has no backend argument: on the CPU it runs its own torch loop.
