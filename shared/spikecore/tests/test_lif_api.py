@@ -26,6 +26,8 @@ from spikecore.neuron import ops
         (lambda: spikecore.lif_multi_step(torch.ones(4, 3), backend="cuda"), ValueError, "unknown backend"),
         (lambda: spikecore.lif_multi_step(torch.ones(4, 3), tau=torch.ones(2)), ValueError, "broadcast"),
         (lambda: spikecore.LIF(surrogate="nope"), ValueError, "unknown surrogate"),
+        (lambda: spikecore.LIF(tau=0.0), ValueError, "tau must be positive"),
+        (lambda: spikecore.LIF(backend="gpu"), ValueError, "unknown backend"),
     ],
 )
 def test_bad_input_is_a_clear_error(call, error, match):

@@ -5,7 +5,7 @@ import math
 import torch
 from torch import nn
 
-from .ops import lif_multi_step
+from .ops import BACKENDS, lif_multi_step
 
 
 class LIF(nn.Module):
@@ -56,9 +56,11 @@ class LIF(nn.Module):
         self.v: torch.Tensor | None = None
         self.v_seq: torch.Tensor | None = None
         # Validate the configuration once, up front, rather than at the first forward.
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         lif_multi_step(
             torch.zeros(1, 1),
-            tau=2.0,
+            tau=float(tau),
             v_threshold=v_threshold,
             v_reset=v_reset,
             surrogate=surrogate,
