@@ -20,6 +20,18 @@ GRAD_TOL = {torch.float32: (1e-4, 1e-5), torch.float16: (2e-3, 2e-3), torch.bflo
 CONFIGS = list(itertools.product([0.0, None], [False, True], [True, False], sorted(SURROGATES)))
 
 
+@pytest.fixture(autouse=True)
+def _cpu_kernels(request, monkeypatch):
+    """``cpu:numba`` is the cpu backend on its numba kernels (the fallback where C++ cannot be built)."""
+    params = getattr(request.node, "callspec", None)
+    if params is not None and params.params.get("backend") == "cpu:numba":
+        monkeypatch.setenv("SPIKECORE_CPU_KERNELS", "numba")
+
+
+def _backend(name):
+    return name.split(":")[0]
+
+
 def _device(backend):
     return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
 
@@ -42,10 +54,11 @@ def _run(backend, x, v0, gs, gv, **kw):
     return s, v, x.grad, v0.grad
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("backend", ["cpu", "cpu:numba", "triton"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(("v_reset", "detach_reset", "decay_input", "surrogate"), CONFIGS)
 def test_backend_matches_reference(backend, dtype, v_reset, detach_reset, decay_input, surrogate):
+    backend = _backend(backend)
     seed = hash((backend, str(dtype), v_reset, detach_reset, decay_input, surrogate)) % 2**31
     x, v0, gs, gv = _inputs(SHAPES[backend], dtype, _device(backend), seed)
     kw = dict(
@@ -68,10 +81,11 @@ def test_backend_matches_reference(backend, dtype, v_reset, detach_reset, decay_
     torch.testing.assert_close(gv0, gv0_ref, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton", "torch"])
+@pytest.mark.parametrize("backend", ["cpu", "cpu:numba", "triton", "torch"])
 @pytest.mark.parametrize("v_reset", [0.0, None])
 def test_segments_equal_one_run(backend, v_reset):
     """T steps as segments with v carried equal one T-step run, forward and backward (TDFormer)."""
+    backend = _backend(backend)
     T, n = 7, 29
     x, v0, gs, gv = _inputs((T, n), torch.float32, _device(backend), seed=3)
     kw = dict(v_reset=v_reset, detach_reset=True, backend=backend)
@@ -92,10 +106,11 @@ def test_segments_equal_one_run(backend, v_reset):
     torch.testing.assert_close(v_start.grad, gv0_full)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("backend", ["cpu", "cpu:numba", "triton"])
 @pytest.mark.parametrize("decay_input", [True, False])
 def test_per_neuron_tau_gradient(backend, decay_input):
     """PLIF: a learnable tau tensor (broadcast over the batch) gets the reference's gradient."""
+    backend = _backend(backend)
     dev = _device(backend)
     x, v0, gs, gv = _inputs((6, 4, 9), torch.float32, dev, seed=11)
     tau0 = (1.5 + torch.rand(9)).to(dev)
@@ -112,8 +127,9 @@ def test_per_neuron_tau_gradient(backend, decay_input):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton", "torch"])
+@pytest.mark.parametrize("backend", ["cpu", "cpu:numba", "triton", "torch"])
 def test_v_seq_and_any_stride(backend):
+    backend = _backend(backend)
     dev = _device(backend)
     base = torch.randn(3, 11, 4, device=dev) + 0.8
     x = base.transpose(0, 1)[:, ::2]  # [11, 2, 4] viewed with odd strides: T=11 crosses chunks
@@ -127,9 +143,10 @@ def test_v_seq_and_any_stride(backend):
     assert s.shape == x.shape and v_seq.shape == x.shape and v.shape == x.shape[1:]
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("backend", ["cpu", "cpu:numba", "triton"])
 def test_fp16_saves_at_most_two_bytes_per_neuron_step(backend):
     """Only x (in its dtype) is kept for backward: 2 bytes per neuron-step for fp16/bf16."""
+    backend = _backend(backend)
     T, n = 4, 64
     x = torch.randn(T, n, device=_device(backend)).half().requires_grad_()
     saved = []

@@ -264,10 +264,14 @@ def _device_ctx(x: torch.Tensor):
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
+def _zeros_if_none(t, x):
+    return x.new_zeros((x.shape[1],), dtype=torch.float32) if t is None else t
+
+
 def lif_fwd(x, v_init, tau_t, tau, v_th, v_reset, soft, decay_input, store_v_seq):
     T, N = x.shape
     x = x.contiguous()
-    v_init = v_init.float().contiguous()
+    v_init = _zeros_if_none(v_init, x).float().contiguous()
     spikes = torch.empty_like(x)
     v_final = torch.empty((N,), dtype=torch.float32, device=x.device)
     v_seq = torch.empty((T, N) if store_v_seq else (0,), dtype=torch.float32, device=x.device)
@@ -322,8 +326,8 @@ def lif_bwd(
     T, N = x.shape
     x = x.contiguous()
     grad_s = grad_s.to(x.dtype).contiguous()
-    grad_v = grad_v.float().contiguous()
-    v_init = v_init.float().contiguous()
+    grad_v = _zeros_if_none(grad_v, x).float().contiguous()
+    v_init = _zeros_if_none(v_init, x).float().contiguous()
     saved = saved.contiguous()
     per_neuron = tau_t is not None
     need_grad_tau = bool(need_grad_tau) and per_neuron

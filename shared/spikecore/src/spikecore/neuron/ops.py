@@ -3,16 +3,17 @@
 The fused backends (``_cpu`` with numba, ``_triton`` with Triton) implement one contract on flattened
 tensors, so the autograd and ``torch.compile`` plumbing here is written once:
 
-``lif_fwd(x[T,N], v_init[N] f32, tau_t[N] f32 | None, tau, v_th, v_reset, soft, decay_input, store_v_seq)``
+``lif_fwd(x[T,N], v_init[N] f32 | None, tau_t[N] f32 | None, tau, v_th, v_reset, soft, decay_input,
+          store_v_seq)``
     -> ``spikes[T,N]`` (x's dtype), ``v_final[N]`` f32, ``v_seq[T,N]`` f32 (``[0]`` when not stored),
     ``saved[K,N]`` f32 (membrane checkpoints the backward needs, ``K = n_saved(T)``, may be 0).
-``lif_bwd(grad_s[T,N], grad_v[N] f32, x, v_init, tau_t, saved, tau, v_th, v_reset, soft, decay_input,
+``lif_bwd(grad_s[T,N], grad_v[N] f32 | None, x, v_init, tau_t, saved, tau, v_th, v_reset, soft, decay_input,
           detach_reset, surrogate_id, alpha, need_grad_tau)``
     -> ``grad_x[T,N]`` (x's dtype), ``grad_v_init[N]`` f32, ``grad_tau[N]`` f32 (``[0]`` when not asked).
 
-Only ``x`` (in its own dtype), ``v_init`` (when the caller gave one; otherwise the op makes the zeros
-itself) and the few checkpoints are saved for backward; the membrane is recomputed there. ``tau_t``
-(per-neuron tau, PLIF) overrides the float ``tau`` when given.
+``None`` for ``v_init`` / ``grad_v`` means zeros (each backend makes or skips them), so only ``x`` (in its
+own dtype), ``v_init`` (when the caller gave one) and the few checkpoints are saved for backward; the
+membrane is recomputed there. ``tau_t`` (per-neuron tau, PLIF) overrides the float ``tau`` when given.
 """
 
 import importlib
@@ -25,10 +26,6 @@ from .surrogate import resolve
 
 BACKENDS = ("auto", "triton", "cpu", "torch")
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _zeros_if_none(v_init: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-    return x.new_zeros((x.shape[1],), dtype=torch.float32) if v_init is None else v_init
 
 
 def _backend_module(name: str):
@@ -57,8 +54,6 @@ def _lif_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     # detach_reset, surrogate_id and alpha only shape the backward; they are inputs here so that the
     # autograd context gets them without any state outside the op.
-    # No v_init means zeros, made here rather than by the caller: nothing per neuron is saved for backward.
-    v_init = _zeros_if_none(v_init, x)
     return _backend_module(backend).lif_fwd(
         x, v_init, tau_t, tau, v_th, v_reset, soft, decay_input, store_v_seq
     )
@@ -89,7 +84,7 @@ def _lif_fwd_fake(
 @torch.library.custom_op("spikecore::lif_bwd", mutates_args=())
 def _lif_bwd(
     grad_s: torch.Tensor,
-    grad_v: torch.Tensor,
+    grad_v: torch.Tensor | None,
     x: torch.Tensor,
     v_init: torch.Tensor | None,
     tau_t: torch.Tensor | None,
@@ -105,7 +100,6 @@ def _lif_bwd(
     need_grad_tau: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    v_init = _zeros_if_none(v_init, x)
     return _backend_module(backend).lif_bwd(
         grad_s,
         grad_v,
@@ -159,10 +153,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_s, grad_v, _grad_v_seq, _grad_saved):
     x, v_init, tau_t, saved = ctx.saved_tensors
     grad_s = torch.zeros_like(x) if grad_s is None else grad_s.to(x.dtype).contiguous()
-    if grad_v is None:
-        grad_v = x.new_zeros((x.shape[1],), dtype=torch.float32)
-    else:
-        grad_v = grad_v.float().contiguous()
+    grad_v = None if grad_v is None else grad_v.float().contiguous()
     need_grad_tau = tau_t is not None and ctx.needs_input_grad[2]
     grad_x, grad_v_init, grad_tau = _lif_bwd(
         grad_s, grad_v, x, v_init, tau_t, saved, *ctx.params, need_grad_tau, ctx.backend

@@ -1,0 +1,79 @@
+"""Build (once per machine, on first use) and load the C++ CPU kernels in ``_cpu_kernels.cpp``.
+
+torch's extension loader compiles the file with the machine's C++ compiler and caches the library under
+``~/.cache/torch_extensions`` (``TORCH_EXTENSIONS_DIR`` moves it): about 30-60 s the first time, a fraction
+of a second after that. Where no compiler (or no ninja) is at hand the build fails once, a warning says so,
+and ``_cpu`` falls back to its numba kernels.
+"""
+
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import warnings
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("_cpu_kernels.cpp")
+
+
+def _put_ninja_on_path() -> None:
+    """torch's loader runs ``ninja`` from PATH; the ninja wheel (a dependency) has it in its own folder."""
+    if shutil.which("ninja") is None:
+        import ninja
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
+def _flags() -> list[str]:
+    flags = ["-O3", "-fopenmp"]
+    if platform.machine() in ("x86_64", "AMD64", "aarch64", "arm64"):
+        flags.append("-march=native" if platform.machine() in ("x86_64", "AMD64") else "-mcpu=native")
+    return flags
+
+
+def _cpu_fingerprint() -> str:
+    """-march=native binds the library to this CPU: the cache key includes its model and flags."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags", "Features"))][:2]
+        return "\n".join(lines)
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def extension():
+    """The compiled module, or None: numba chosen (``SPIKECORE_CPU_KERNELS=numba``), or the C++ kernels
+    cannot be built here (a warning says why, once). ``SPIKECORE_CPU_KERNELS=cpp`` makes a failed build an
+    error instead."""
+    choice = os.environ.get("SPIKECORE_CPU_KERNELS", "auto")
+    if choice not in ("auto", "cpp", "numba"):
+        raise ValueError(f"SPIKECORE_CPU_KERNELS must be auto, cpp or numba, got {choice!r}")
+    return None if choice == "numba" else _build(choice == "cpp")
+
+
+@functools.cache
+def _build(required: bool):
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(_flags()).encode() + _cpu_fingerprint().encode())
+    try:
+        from torch.utils.cpp_extension import load
+
+        _put_ninja_on_path()
+
+        return load(
+            name=f"spikecore_lif_cpu_{key.hexdigest()[:12]}",
+            sources=[str(SOURCE)],
+            extra_cflags=_flags(),
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as err:  # no compiler, no ninja, a failed build: numba still works
+        if required:
+            raise RuntimeError(f"SPIKECORE_CPU_KERNELS=cpp but the C++ kernels did not build: {err}") from err
+        warnings.warn(
+            f"spikecore: the C++ CPU kernels did not build ({type(err).__name__}: {str(err)[:200]}); "
+            "using the numba kernels, about 2-3x slower. Install a C++ compiler and ninja to get them.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
