@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..neuron._triton import _charge, _device_ctx, _fire_reset, _surrogate
+from ..neuron._triton import _charge, _device_ctx, _fire_reset, _grad_h
 
 # Tile: BLOCK_N tokens (a power of two up to _MAX_BLOCK_N) x BLOCK_C channels, about _TILE elements.
 # Untuned (no GPU was available when this was written); _MAX_BLOCK_N is read at call time so that tests
@@ -166,19 +166,7 @@ def _sdsa_bwd_kernel(
     for _t in range(T):
         h = tl.load(h_ptr + hoff, mask=cmask, other=0.0)
         gs = tl.load(ga_ptr + hoff, mask=cmask, other=0.0)
-        z = h - v_th
-        sg = _surrogate(z, alpha, SURROGATE)
-        if SOFT:
-            if DETACH:
-                gh = gs * sg + carry
-            else:
-                gh = (gs - v_th * carry) * sg + carry
-        else:
-            not_spike = tl.where(z >= 0.0, 0.0, 1.0)
-            if DETACH:
-                gh = gs * sg + carry * not_spike
-            else:
-                gh = (gs + carry * (v_reset - h)) * sg + carry * not_spike
+        gh = _grad_h(gs, carry, h, v_th, v_reset, alpha, SURROGATE, SOFT, DETACH)
         gkv = gh / tau
         carry = gh * decay
         for n0 in range(0, N, BLOCK_N):

@@ -107,7 +107,8 @@ class _SpikingAttention(nn.Module):
         return getattr(self, f"{name}_lif")(pre)
 
     def attend(self, *qkv: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        # The one abstract hook: each attention form (subclass) supplies its core.
+        raise NotImplementedError(f"{type(self).__name__} must implement attend(q, k[, v])")
 
     def output(self, y: torch.Tensor) -> torch.Tensor:
         """Output projection ``proj_lif(proj_bn(proj_conv(y)))``."""
@@ -221,20 +222,7 @@ class SpikeDrivenSelfAttention(_SpikingAttention):
     def attend(self, q, k, v):
         if not self.fused_core(q):
             return F.sdsa(q, k, v, self.num_heads, neuron=self.attn_lif)
-        lif = self.attn_lif
-        return F.sdsa(
-            q,
-            k,
-            v,
-            self.num_heads,
-            tau=lif.tau,
-            v_threshold=lif.v_threshold,
-            v_reset=lif.v_reset,
-            detach_reset=lif.detach_reset,
-            surrogate=lif.surrogate,
-            alpha=lif.alpha,
-            backend=lif.backend,
-        )
+        return F.sdsa(q, k, v, self.num_heads, **self.attn_lif.options())
 
     def forward(
         self,

@@ -628,10 +628,6 @@ def _zeros(t, n: int):
     return torch.zeros(n, dtype=torch.float32) if t is None else t
 
 
-def _tau_tensor(tau_t):
-    return _f32(tau_t)
-
-
 def _keeping_torch_threads(fn, *args) -> None:
     """Run ``fn`` and put torch's thread count back if an OpenMP start-up inside it changed it."""
     torch_threads = torch.get_num_threads()
@@ -679,7 +675,7 @@ def lif_fwd(x, v_init, tau_t, tau, v_th, v_reset, soft, decay_input, store_v_seq
             ext.lif_fwd,
             x,
             _f32(v_init),
-            _tau_tensor(tau_t),
+            _f32(tau_t),
             float(tau),
             float(v_th),
             float(v_reset),
@@ -750,7 +746,7 @@ def lif_bwd(
             _f32(grad_v),
             x,
             _f32(v_init),
-            _tau_tensor(tau_t),
+            _f32(tau_t),
             float(tau),
             float(v_th),
             float(v_reset),

@@ -100,6 +100,27 @@ def _surrogate(z, a, SURROGATE: tl.constexpr):
 
 
 @triton.jit
+def _grad_h(
+    gs, carry, h, v_th, v_reset, alpha, SURROGATE: tl.constexpr, SOFT: tl.constexpr, DETACH: tl.constexpr
+):
+    """dL/dH[t] from dL/dS[t] (gs) and dL/dV[t] (carry): the four reset/detach cases of spikecore.md."""
+    z = h - v_th
+    sg = _surrogate(z, alpha, SURROGATE)
+    if SOFT:
+        if DETACH:
+            gh = gs * sg + carry
+        else:
+            gh = (gs - v_th * carry) * sg + carry
+    else:
+        not_spike = tl.where(z >= 0.0, 0.0, 1.0)
+        if DETACH:
+            gh = gs * sg + carry * not_spike
+        else:
+            gh = (gs + carry * (v_reset - h)) * sg + carry * not_spike
+    return gh
+
+
+@triton.jit
 def _lif_fwd_kernel(
     x_ptr,
     v0_ptr,
@@ -231,19 +252,7 @@ def _lif_bwd_kernel(
             m = _row_mask(offs, mask, N, valid)
             h = tl.sum(tl.where(rows == i, Hs, 0.0), axis=0)
             gs = tl.load(gsp, mask=m, other=0.0).to(tl.float32)
-            z = h - v_th
-            sg = _surrogate(z, alpha, SURROGATE)
-            if SOFT:
-                if DETACH:
-                    gh = gs * sg + carry
-                else:
-                    gh = (gs - v_th * carry) * sg + carry
-            else:
-                not_spike = tl.where(z >= 0.0, 0.0, 1.0)
-                if DETACH:
-                    gh = gs * sg + carry * not_spike
-                else:
-                    gh = (gs + carry * (v_reset - h)) * sg + carry * not_spike
+            gh = _grad_h(gs, carry, h, v_th, v_reset, alpha, SURROGATE, SOFT, DETACH)
             if DECAY_INPUT:
                 gx = gh / tau_v
             else:

@@ -72,6 +72,19 @@ class LIF(nn.Module):
     def tau(self) -> float | torch.Tensor:
         return self._tau if self.w is None else 1.0 / torch.sigmoid(self.w)
 
+    def options(self) -> dict:
+        """This neuron's parameters as keyword arguments (tau, threshold, reset, surrogate, backend), for
+        code that runs the same neuron through another op (e.g. a fused attention kernel)."""
+        return dict(
+            tau=self.tau,
+            v_threshold=self.v_threshold,
+            v_reset=self.v_reset,
+            detach_reset=self.detach_reset,
+            surrogate=self.surrogate,
+            alpha=self.alpha,
+            backend=self.backend,
+        )
+
     def reset(self) -> None:
         """Forget the carried membrane potential (and the stored V sequence)."""
         self.v = None
@@ -86,17 +99,7 @@ class LIF(nn.Module):
                 )
             v_init = self.v
         out = lif_multi_step(
-            x,
-            v_init,
-            tau=self.tau,
-            v_threshold=self.v_threshold,
-            v_reset=self.v_reset,
-            decay_input=self.decay_input,
-            detach_reset=self.detach_reset,
-            surrogate=self.surrogate,
-            alpha=self.alpha,
-            backend=self.backend,
-            store_v_seq=self.store_v_seq,
+            x, v_init, **self.options(), decay_input=self.decay_input, store_v_seq=self.store_v_seq
         )
         spikes, v_final = out[0], out[1]
         if self.store_v_seq:
