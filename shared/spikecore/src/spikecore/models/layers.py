@@ -1,0 +1,200 @@
+"""Building blocks the backbone families share: conv stages over ``[T, B, C, H, W]``, spiking MLPs, the
+attention name table and the generic transformer block with its feedback extension point."""
+
+from typing import Any
+
+import torch
+from timm.layers import DropPath
+from torch import nn
+
+from ..attention.modules import (
+    ChannelQKAttention,
+    FBLiDiffAttention,
+    FFLiDiffAttention,
+    SpikeDrivenSelfAttention,
+    SpikingSelfAttention,
+    TokenQKAttention,
+)
+from ..neuron.module import LIF
+
+__all__ = [
+    "ATTENTION",
+    "ConvBNLIF",
+    "MembraneShortcutMlp",
+    "SpikingBlock",
+    "SpikingMlp",
+    "make_attention",
+    "make_lif",
+    "seq_apply",
+]
+
+# Name -> attention module. Every class takes (dim, num_heads, **neuron options) and the q/k/v extras.
+ATTENTION: dict[str, type[nn.Module]] = {
+    "ssa": SpikingSelfAttention,
+    "sdsa": SpikeDrivenSelfAttention,
+    "qkta": TokenQKAttention,
+    "qkca": ChannelQKAttention,
+    "ff_lidiff": FFLiDiffAttention,
+    "fb_lidiff": FBLiDiffAttention,
+}
+_SCALED = ("ssa", "fb_lidiff")  # the attention kinds with an SSA scale
+
+
+def make_lif(neuron: dict[str, Any], v_threshold: float = 1.0) -> LIF:
+    """A hard-reset (to 0) :class:`spikecore.LIF` with the model's neuron options."""
+    return LIF(v_threshold=v_threshold, v_reset=0.0, **neuron)
+
+
+def make_attention(
+    kind: str, dim: int, num_heads: int, neuron: dict[str, Any], scale: float | None = None
+) -> nn.Module:
+    """Attention module ``kind`` (a key of :data:`ATTENTION`) with the model's neuron options.
+
+    ``scale`` applies to the SSA-style kinds only. SDSA is built without its own residual: the
+    :class:`SpikingBlock` adds it, so that ``x_extra`` reaches the attention input but not the residual.
+    """
+    if kind not in ATTENTION:
+        raise ValueError(f"unknown attention kind {kind!r}; choose one of {', '.join(ATTENTION)}")
+    kwargs: dict[str, Any] = dict(neuron)
+    if kind in _SCALED and scale is not None:
+        kwargs["scale"] = scale
+    if kind == "sdsa":
+        kwargs["residual"] = False
+    return ATTENTION[kind](dim, num_heads, **kwargs)
+
+
+def seq_apply(x: torch.Tensor, *fns: nn.Module) -> torch.Tensor:
+    """Apply per-frame modules to ``[T, B, ...]`` by folding time into the batch."""
+    y = x.flatten(0, 1)
+    for fn in fns:
+        y = fn(y)
+    return y.reshape(*x.shape[:2], *y.shape[1:])
+
+
+class ConvBNLIF(nn.Module):
+    """``Conv2d-BN[-MaxPool]-LIF[-MaxPool]`` over ``[T, B, C, H, W]``.
+
+    ``pool``: ``None``, ``"pre"`` (3x3/2 max-pool of the BN output, before the LIF: QKFormer, SDT's last
+    stem conv) or ``"post"`` (max-pool of the spikes: Spikformer's SPS, SDT's first stem convs).
+    ``lif=False`` leaves out the neuron (the stage then returns real values).
+    """
+
+    def __init__(
+        self,
+        in_chans: int,
+        out_chans: int,
+        neuron: dict[str, Any],
+        *,
+        kernel_size: int = 3,
+        stride: int = 1,
+        pool: str | None = None,
+        lif: bool = True,
+    ):
+        super().__init__()
+        if pool not in (None, "pre", "post"):
+            raise ValueError(f"pool must be None, 'pre' or 'post', got {pool!r}")
+        if pool == "post" and not lif:
+            raise ValueError("pool='post' pools the spikes and needs lif=True")
+        self.conv = nn.Conv2d(in_chans, out_chans, kernel_size, stride, kernel_size // 2, bias=False)
+        self.bn = nn.BatchNorm2d(out_chans)
+        self.pool = nn.MaxPool2d(3, stride=2, padding=1) if pool else None
+        self.pool_position = pool
+        self.lif = make_lif(neuron) if lif else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        T, B = x.shape[:2]
+        y = self.bn(self.conv(x.flatten(0, 1)))
+        if self.pool_position == "pre":
+            y = self.pool(y)
+        y = y.reshape(T, B, *y.shape[1:])
+        if self.lif is not None:
+            y = self.lif(y)
+        if self.pool_position == "post":
+            y = seq_apply(y, self.pool)
+        return y
+
+
+class SpikingMlp(nn.Module):
+    """Spikformer / QKFormer MLP on tokens ``[T, B, C, N]``: two ``Conv1x1(bias)-BN-LIF`` layers."""
+
+    def __init__(self, dim: int, hidden_dim: int, neuron: dict[str, Any]):
+        super().__init__()
+        self.fc1_conv = nn.Conv1d(dim, hidden_dim, 1)
+        self.fc1_bn = nn.BatchNorm1d(hidden_dim)
+        self.fc1_lif = make_lif(neuron)
+        self.fc2_conv = nn.Conv1d(hidden_dim, dim, 1)
+        self.fc2_bn = nn.BatchNorm1d(dim)
+        self.fc2_lif = make_lif(neuron)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.fc1_lif(seq_apply(x, self.fc1_conv, self.fc1_bn))
+        return self.fc2_lif(seq_apply(x, self.fc2_conv, self.fc2_bn))
+
+
+class MembraneShortcutMlp(nn.Module):
+    """SDT v1 MLP branch on tokens: ``BN(Conv1x1(LIF(BN(Conv1x1(LIF(x))))))``, LIF first in each layer.
+
+    Returns the branch only; the block adds the real-valued residual.
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, neuron: dict[str, Any]):
+        super().__init__()
+        self.fc1_lif = make_lif(neuron)
+        self.fc1_conv = nn.Conv1d(dim, hidden_dim, 1)
+        self.fc1_bn = nn.BatchNorm1d(hidden_dim)
+        self.fc2_lif = make_lif(neuron)
+        self.fc2_conv = nn.Conv1d(hidden_dim, dim, 1)
+        self.fc2_bn = nn.BatchNorm1d(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = seq_apply(self.fc1_lif(x), self.fc1_conv, self.fc1_bn)
+        return seq_apply(self.fc2_lif(x), self.fc2_conv, self.fc2_bn)
+
+
+class SpikingBlock(nn.Module):
+    """Transformer block ``x = x + attn(x + x_extra); x = x + mlp(x)`` on tokens ``[T, B, D, N]``.
+
+    The same residual form covers Spikformer / QKFormer (spiking branches, SEW-style sums) and SDT v1
+    (membrane-shortcut branches that start with a LIF, real-valued sums). ``q_extra`` / ``k_extra`` /
+    ``v_extra`` go to the attention module (added to that projection before its BN); ``x_extra`` is added
+    to the attention input only. Extras are ``[T, B, D, N]`` (or ``[T, B, D, H, W]`` when ``x`` is).
+    Spatial input ``[T, B, D, H, W]`` is accepted and returned in the same layout.
+    """
+
+    def __init__(self, attn: nn.Module, mlp: nn.Module, drop_path: float = 0.0):
+        super().__init__()
+        self.attn = attn
+        self.mlp = mlp
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    @property
+    def branches(self) -> tuple[str, ...]:
+        """The projections of the attention module that accept an extra input (e.g. ``("q", "k")``)."""
+        return tuple(self.attn.branches)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        q_extra: torch.Tensor | None = None,
+        k_extra: torch.Tensor | None = None,
+        v_extra: torch.Tensor | None = None,
+        x_extra: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        extras = {"q": q_extra, "k": k_extra, "v": v_extra}
+        for name, extra in extras.items():
+            if extra is not None and name not in self.branches:
+                raise ValueError(
+                    f"{type(self.attn).__name__} has branches {self.branches}: {name}_extra is not accepted"
+                )
+        shape = x.shape
+        x = x.flatten(3) if x.dim() == 5 else x
+        attn_in = x
+        if x_extra is not None:
+            if x_extra.shape != shape and x_extra.shape != x.shape:
+                raise ValueError(f"x_extra of shape {tuple(x_extra.shape)} does not match x {tuple(shape)}")
+            attn_in = x + x_extra.reshape(x.shape)
+        kwargs = {f"{n}_extra": e for n, e in extras.items() if e is not None}
+        x = x + self.drop_path(self.attn(attn_in, **kwargs))
+        x = x + self.drop_path(self.mlp(x))
+        return x.reshape(shape)
