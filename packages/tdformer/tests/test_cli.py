@@ -1,0 +1,192 @@
+"""The ``tdformer`` command as users run it: every config family, checkpoints, resume, analyze, DDP."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import CONFIGS, tiny_override
+
+from tdformer.cli import run as main
+
+CONFIG_FILES = sorted(p for p in CONFIGS.glob("*.yaml") if p.name != "demo.yaml")
+
+
+def test_a_config_per_paper_experiment():
+    names = {p.stem for p in CONFIG_FILES}
+    for needed in (
+        "cifar10_spikformer_4_384",
+        "cifar100_spikformer_4_384",
+        "cifar10_sdt_2_512",
+        "cifar10_qkformer_hst_4_384",
+        "cifar10dvs_spikformer_2_256",
+        "dvsgesture_sdt_2_256",
+        "cifar10dvs_qkformer_hst_2_256",
+        "imagenet_qkformer_hst_10_768",
+    ):
+        assert needed in names
+
+
+@pytest.mark.parametrize("config", CONFIG_FILES, ids=lambda p: p.stem)
+def test_fast_dev_run_of_every_config(config, tmp_path):
+    cli = main(
+        [
+            "fit",
+            "--config",
+            str(config),
+            "--config",
+            str(tiny_override(config, tmp_path)),
+            "--trainer.fast_dev_run",
+            "1",
+        ]
+    )
+    assert cli.trainer.state.finished
+    loss = cli.trainer.callback_metrics["train/loss"]
+    assert torch.isfinite(loss)
+    cfg = yaml.safe_load(config.read_text())
+    assert cli.model.hparams.lr == cfg["model"]["lr"]  # the recipe came through
+    assert hasattr(cli.model.net, "forward_segments")  # and the feedback model was built
+
+
+def _fit(tmp_path: Path, *extra: str, **trainer):
+    config = CONFIGS / "cifar10_spikformer_4_384.yaml"
+    over = tiny_override(config, tmp_path, limit_train_batches=3, limit_val_batches=2, **trainer)
+    return main(["fit", "--config", str(config), "--config", str(over), *extra]), config, over
+
+
+def test_checkpoint_round_trip_gives_the_same_predictions(tmp_path):
+    cli, config, over = _fit(tmp_path, "--trainer.max_epochs", "1")
+    ckpt = Path(cli.trainer.checkpoint_callback.last_model_path)
+    assert ckpt.is_file()
+    x = torch.rand(3, 3, 16, 16)
+    trained = cli.model.eval()
+    with torch.no_grad():
+        expected = trained(x)
+    pred = main(["predict", "--config", str(config), "--config", str(over), "--ckpt_path", str(ckpt)])
+    restored = pred.model.eval()
+    with torch.no_grad():
+        got = restored(x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert not torch.equal(got, torch.zeros_like(got)) or expected.abs().sum() == 0
+
+
+def test_resume_after_interruption_continues_where_it_stopped(tmp_path):
+    cli, config, over = _fit(tmp_path, "--trainer.max_epochs", "1")
+    last = Path(cli.trainer.checkpoint_callback.last_model_path)
+    steps_one_epoch = cli.trainer.global_step
+    assert steps_one_epoch == 3
+    resumed = main(
+        [
+            "fit",
+            "--config",
+            str(config),
+            "--config",
+            str(over),
+            "--trainer.max_epochs",
+            "2",
+            "--ckpt_path",
+            str(last),
+        ]
+    )
+    assert resumed.trainer.current_epoch == 2
+    assert resumed.trainer.global_step == 2 * steps_one_epoch  # not restarted from zero
+
+
+def test_corrupted_or_malicious_checkpoint_gives_one_clear_error(tmp_path):
+    config = CONFIGS / "cifar10_spikformer_4_384.yaml"
+    over = tiny_override(config, tmp_path)
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ValueError, match="cannot read checkpoint"):
+        main(["validate", "--config", str(config), "--config", str(over), "--ckpt_path", str(bad)])
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "x": Evil()}, evil)
+    with pytest.raises(ValueError, match="cannot read checkpoint"):
+        main(["validate", "--config", str(config), "--config", str(over), "--ckpt_path", str(evil)])
+    assert not marker.exists()  # nothing ran
+    with pytest.raises(ValueError, match="does not exist"):
+        main(
+            [
+                "validate",
+                "--config",
+                str(config),
+                "--config",
+                str(over),
+                "--ckpt_path",
+                str(tmp_path / "no.ckpt"),
+            ]
+        )
+
+
+def test_config_typo_is_reported(tmp_path, capsys):
+    config = CONFIGS / "cifar10_spikformer_4_384.yaml"
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "fit",
+                "--config",
+                str(config),
+                "--config",
+                str(tiny_override(config, tmp_path)),
+                "--model.lrr",
+                "1e-3",
+            ]
+        )
+    assert "lrr" in capsys.readouterr().err
+
+
+def test_analyze_writes_the_measures(tmp_path):
+    cli, config, over = _fit(tmp_path, "--trainer.max_epochs", "1")
+    ckpt = cli.trainer.checkpoint_callback.last_model_path
+    out = tmp_path / "analysis"
+    res = main(
+        [
+            "analyze",
+            "--config",
+            str(config),
+            "--config",
+            str(over),
+            "--ckpt_path",
+            ckpt,
+            "--out",
+            str(out),
+            "--max_batches",
+            "2",
+        ]
+    )
+    saved = json.loads((out / "analysis.json").read_text())
+    assert set(saved["modes"]) == {"feedback", "no_feedback"}
+    for mode in saved["modes"].values():
+        assert len(mode["grad_norm_per_step"]) == 4 and len(mode["mi_steps_bits"]) == 3
+        assert len(mode["mi_segments_bits"]) == 1
+        assert all(v >= 0 for v in mode["mi_steps_bits"])
+        assert mode["firing_rates"] and all(0 <= r <= 1 for r in mode["firing_rates"].values())
+    assert (out / "mechanisms.png").stat().st_size > 0 and (out / "firing_rates.png").stat().st_size > 0
+    assert res["samples"] == 8
+
+
+def test_ddp_two_processes_on_cpu(tmp_path):
+    config = CONFIGS / "cifar10_spikformer_4_384.yaml"
+    over = tiny_override(config, tmp_path, max_steps=2, limit_val_batches=1, devices=2, strategy="ddp")
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    proc = subprocess.run(
+        [sys.executable, "-m", "tdformer", "fit", "--config", str(config), "--config", str(over)],
+        capture_output=True,
+        text=True,
+        timeout=500,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "world_size=2" in proc.stderr + proc.stdout or "GLOBAL_RANK: 1" in proc.stderr + proc.stdout
+    assert list((tmp_path / "runs").rglob("last.ckpt"))

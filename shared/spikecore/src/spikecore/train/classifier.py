@@ -1,0 +1,192 @@
+"""``SpikingClassifier``: the papers' image-classification recipe as a LightningModule.
+
+The network comes from a registry by name (``arch``) so that configs stay data. Inputs from the data
+modules are ``[B, C, H, W]`` images (the network repeats them over its T steps: direct coding) or
+``[B, T, C, H, W]`` event frames (turned into ``[T, B, C, H, W]`` here).
+
+Subclasses change the objective by overriding :meth:`training_loss` (and :meth:`predict_logits` for what
+evaluation uses), e.g. TDFormer's weighted per-segment losses.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..neuron.module import reset
+from .schedule import warmup_cosine
+
+
+class SpikingClassifier(pl.LightningModule):
+    """Train / evaluate a registered spiking network on a classification data module.
+
+    Args:
+        arch: registered model name (see the package's ``list_models()``).
+        num_classes: classes of the data (linked from the data module by the CLI).
+        T: time steps a static image is repeated over (event frames bring their own T).
+        arch_kwargs: further keyword arguments of the model builder (e.g. ``drop_path_rate``, ``segments``).
+        lr, weight_decay, betas: AdamW; no weight decay on biases and norm weights (timm's convention).
+        warmup_epochs, min_lr: linear warm-up, then cosine decay to ``min_lr``, updated every step.
+        label_smoothing: for the cross-entropy (and mixup's soft targets).
+        mixup, cutmix: timm Mixup alphas (0 disables each); ``mixup_prob`` the chance a batch is mixed,
+            ``mixup_switch_prob`` the chance of cutmix when both are on; ``mixup_off_epoch`` stops mixing
+            from that epoch on (SpiLiFormer's recipe turns it off at 200).
+    """
+
+    def __init__(
+        self,
+        arch: str = "spikformer_4_384",
+        num_classes: int = 10,
+        T: int = 4,
+        arch_kwargs: dict[str, Any] | None = None,
+        lr: float = 5e-4,
+        weight_decay: float = 0.06,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_epochs: float = 20.0,
+        min_lr: float = 1e-5,
+        label_smoothing: float = 0.1,
+        mixup: float = 0.0,
+        cutmix: float = 0.0,
+        mixup_prob: float = 1.0,
+        mixup_switch_prob: float = 0.5,
+        mixup_off_epoch: int | None = None,
+        init_weights: str | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = self.build_network(arch, num_classes=num_classes, T=T, **(arch_kwargs or {}))
+        self.mixup_fn = self._make_mixup()
+        if init_weights:
+            self.load_initial_weights(init_weights)
+
+    # -- hooks for subclasses ------------------------------------------------------------------------
+    registry: Callable[..., nn.Module] | None = None  # a package's create_model (a staticmethod)
+
+    def build_network(self, arch: str, **kwargs: Any) -> nn.Module:
+        """The network ``arch`` from the package's registry (spikecore's shared backbones by default)."""
+        if self.registry is None:
+            from ..models import create_model
+
+            return create_model(arch, **kwargs)
+        return self.registry(arch, **kwargs)
+
+    def training_loss(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, logits) for a training batch; ``target`` is class indices or soft targets ``[B, K]``."""
+        logits = self.net(x)
+        return self.cross_entropy(logits, target), logits
+
+    def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits used for evaluation and prediction."""
+        return self.net(x)
+
+    def load_initial_weights(self, path: str) -> None:
+        """Weights of ``path`` into the network (read with ``weights_only=True``); a clear error if they do
+        not fit."""
+        from .checkpoint import CheckpointError, load_checkpoint, load_weights
+
+        try:
+            state = load_checkpoint(path)["state_dict"]
+        except CheckpointError as err:
+            if "no 'state_dict'" not in str(err):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)  # a plain state dict
+        state = {k.removeprefix("net."): v for k, v in state.items()}
+        target = self.net
+        backbone = getattr(self.net, "backbone", None)
+        if backbone is not None and not any(k.startswith("backbone.") for k in state):
+            target = backbone
+        load_weights(target, {"state_dict": state}, path)
+
+    # -- pieces --------------------------------------------------------------------------------------
+    def cross_entropy(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if target.dim() == 2:  # soft targets from mixup (label smoothing already in them)
+            return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+        return F.cross_entropy(logits.float(), target, label_smoothing=self.hparams.label_smoothing)
+
+    def _make_mixup(self):
+        hp = self.hparams
+        if hp.mixup <= 0 and hp.cutmix <= 0:
+            return None
+        from timm.data import Mixup
+
+        return Mixup(
+            mixup_alpha=hp.mixup,
+            cutmix_alpha=hp.cutmix,
+            prob=hp.mixup_prob,
+            switch_prob=hp.mixup_switch_prob,
+            label_smoothing=hp.label_smoothing,
+            num_classes=hp.num_classes,
+        )
+
+    @staticmethod
+    def to_time_major(x: torch.Tensor) -> torch.Tensor:
+        """``[B, T, C, H, W]`` event frames -> ``[T, B, C, H, W]``; images pass through."""
+        return x.transpose(0, 1).contiguous() if x.dim() == 5 else x
+
+    def _mix(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hp = self.hparams
+        if self.mixup_fn is None or (
+            hp.mixup_off_epoch is not None and self.current_epoch >= hp.mixup_off_epoch
+        ):
+            return x, y
+        if x.shape[0] % 2:  # timm's batch mixing pairs samples with the flipped batch: needs an even batch
+            return x, y
+        if x.dim() == 5:  # event frames [B, T, C, H, W]: mix as [B, T*C, H, W] so cutmix cuts H and W
+            b, t, c, h, w = x.shape
+            xm, ym = self.mixup_fn(x.reshape(b, t * c, h, w), y)
+            return xm.reshape(b, t, c, h, w), ym
+        return self.mixup_fn(x, y)
+
+    # -- Lightning -----------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        reset(self.net)  # stateful neurons (segments) never carry state from one batch to the next
+        return self.predict_logits(self.to_time_major(x))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        x, target = self._mix(x, y)
+        reset(self.net)
+        loss, logits = self.training_loss(self.to_time_major(x), target)
+        acc = (logits.argmax(-1) == y).float().mean()
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True)
+        self.log("train/acc", acc, on_step=False, on_epoch=True, sync_dist=True)
+        self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
+        return loss
+
+    def _evaluate(self, batch, stage: str):
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits.float(), y)
+        acc = (logits.argmax(-1) == y).float().mean()
+        self.log(f"{stage}/loss", loss, sync_dist=True)
+        self.log(f"{stage}/acc", acc, prog_bar=True, sync_dist=True)
+        return logits
+
+    def validation_step(self, batch, batch_idx):
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._evaluate(batch, "test")
+
+    def predict_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        x = batch[0] if isinstance(batch, list | tuple) else batch
+        probs = self(x).float().softmax(-1)
+        return {"pred": probs.argmax(-1), "probs": probs}
+
+    def configure_optimizers(self):
+        from timm.optim import param_groups_weight_decay
+
+        hp = self.hparams
+        groups = param_groups_weight_decay(self, weight_decay=hp.weight_decay)
+        opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        epochs = max(self.trainer.max_epochs or 1, 1)
+        warmup = round(hp.warmup_epochs * total / epochs) if self.trainer.max_epochs else 0
+        min_ratio = hp.min_lr / hp.lr if hp.lr > 0 else 0.0
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: warmup_cosine(step, total, warmup, min_ratio)
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

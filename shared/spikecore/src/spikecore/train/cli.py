@@ -1,0 +1,99 @@
+"""A package's command line: LightningCLI (``fit / validate / test / predict``) plus its own commands.
+
+``run_cli(Module, args, commands={"analyze": fn})`` gives every package the same behaviour:
+
+- ``<pkg> fit --config a.yaml [--config b.yaml] [--trainer.x ...]``: LightningCLI, data module chosen in the
+  config by ``class_path`` (any ``LightningDataModule``), ``num_classes`` linked from the data module into
+  the model, a checkpoint callback that keeps the best and the last epoch (``--ckpt_path last`` resumes).
+- ``<pkg> analyze --config ... --ckpt_path ... [--out DIR]``: builds the same model and data module from
+  the config without training, loads the checkpoint safely and hands both to ``fn``.
+"""
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.cli import LightningCLI
+
+from .checkpoint import load_checkpoint, load_weights
+
+
+class SpikingCLI(LightningCLI):
+    """LightningCLI with the links every spiking classification package needs."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+
+
+def _trainer_defaults() -> dict:
+    return {
+        "callbacks": [
+            ModelCheckpoint(monitor="val/acc", mode="max", save_last=True, filename="best-{epoch}"),
+            LearningRateMonitor(logging_interval="epoch"),
+        ],
+    }
+
+
+def make_cli(
+    module_class: type[pl.LightningModule], args: Sequence[str] | None, run: bool = True
+) -> SpikingCLI:
+    return SpikingCLI(
+        module_class,
+        pl.LightningDataModule,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults=_trainer_defaults(),
+        args=list(args) if args is not None else None,
+        run=run,
+        auto_configure_optimizers=False,
+    )
+
+
+AnalyzeFn = Callable[[pl.LightningModule, pl.LightningDataModule, argparse.Namespace], dict]
+
+
+def run_cli(
+    module_class: type[pl.LightningModule],
+    args: Sequence[str] | None = None,
+    commands: dict[str, tuple[AnalyzeFn, str]] | None = None,
+) -> object:
+    """Entry point of a package's console script. ``commands`` maps extra command names to
+    ``(fn, help)``; ``fn(model, datamodule, options)`` runs on a model restored from ``--ckpt_path``."""
+    from_argv = args is None
+    args = list(sys.argv[1:] if from_argv else args)
+    commands = commands or {}
+    if args and args[0] in commands:
+        fn, help_text = commands[args[0]]
+        return _run_command(module_class, args[0], fn, help_text, args[1:])
+    ckpt = _ckpt_path(args)
+    if ckpt is not None and ckpt not in ("last", "best", "hpc", "registry"):
+        load_checkpoint(ckpt)  # a missing, corrupted or unsafe file: one clear error before any work starts
+    return make_cli(module_class, None if from_argv else args)
+
+
+def _ckpt_path(args: list[str]) -> str | None:
+    for i, a in enumerate(args):
+        if a == "--ckpt_path" and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith("--ckpt_path="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def _run_command(module_class, name: str, fn: AnalyzeFn, help_text: str, args: list[str]) -> dict:
+    ap = argparse.ArgumentParser(prog=name, description=help_text)
+    ap.add_argument("--config", action="append", required=True, help="the YAML(s) the model was trained with")
+    ap.add_argument("--ckpt_path", help="checkpoint written by fit (without it: the untrained model)")
+    ap.add_argument("--out", default=None, help="output folder (default: analysis/ beside the checkpoint)")
+    ap.add_argument("--split", choices=("val", "test"), default="val", help="data split to analyse")
+    ap.add_argument("--max_batches", type=int, default=8, help="batches of the split to use")
+    ap.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    opts, overrides = ap.parse_known_args(args)
+    cli_args = [a for c in opts.config for a in ("--config", c)] + overrides
+    cli = make_cli(module_class, cli_args, run=False)
+    model, dm = cli.model, cli.datamodule
+    if opts.ckpt_path:
+        load_weights(model, load_checkpoint(opts.ckpt_path), opts.ckpt_path)
+    return fn(model, dm, opts)
