@@ -455,3 +455,50 @@ def test_unknown_or_unsupported_extras_raise():
     last = model.default_feedback_blocks[-1]
     shape = (seq.shape[0], seq.shape[1], model.block_dims[last], model.block_tokens[last])
     model.forward_features(seq, {last: {"v_extra": torch.ones(shape)}})
+
+
+def test_forward_blocks_slices_compose_to_the_whole():
+    """A slice ends at the input of block ``stop`` (stage transition included): the two halves around
+    any block give the full features."""
+    model, seq = _tiny_tokens("qkformer_hst_4_384")
+    with torch.no_grad():
+        stem = model.forward_stem(seq)
+        full = model.forward_blocks(stem)
+        _mixed(full)
+        for k in range(len(model.blocks) + 1):
+            head = model.forward_blocks(stem, stop=k)
+            spatial = head.reshape(*head.shape[:3], *stem.shape[3:]) if k == 0 else head
+            assert torch.equal(model.forward_blocks(spatial, start=k), full)
+        stage3 = model.block_stage.index(2)
+        assert model.forward_blocks(stem, stop=stage3).shape[-1] == model.block_tokens[stage3]
+    with pytest.raises(ValueError, match="spatial"):  # tokens cannot cross a patch embedding
+        model.forward_blocks(model.forward_blocks(stem, stop=0).flatten(3), start=0)
+    with pytest.raises(ValueError, match="start"):
+        model.forward_blocks(stem, start=3, stop=1)
+
+
+def test_feedback_extra_reaches_fb_lidiff_blocks_only():
+    torch.manual_seed(0)
+    overrides, shape = TINY["qkformer_hst_4_384"]
+    model = _excite(
+        create_model(
+            "qkformer_hst_4_384", backend="torch", attn=("ff_lidiff", "ff_lidiff", "fb_lidiff"), **overrides
+        )
+    ).eval()
+    seq = torch.stack([torch.rand(shape)] * model.T)
+    last = len(model.blocks) - 1
+    assert [b.accepts_feedback for b in model.blocks] == [False, False, True, True]
+    with torch.no_grad():
+        x = model.forward_blocks(model.forward_stem(seq), stop=last)
+        f = (torch.rand_like(x) < 0.5).float()
+        block = model.blocks[last]
+        # The block hands feedback to FB-LiDiff: the same as calling the attention with it directly.
+        y = x + block.attn(x, feedback=f)
+        torch.testing.assert_close(block(x, feedback=f), y + block.mlp(y), rtol=0, atol=0)
+        assert not torch.equal(block(x, feedback=f), block(x))
+        feats = model.forward_blocks(x, {last: {"feedback": f}}, start=last)
+        torch.testing.assert_close(feats, block(x, feedback=f), rtol=0, atol=0)
+    first = model.blocks[0]
+    x0 = torch.zeros(seq.shape[0], seq.shape[1], model.block_dims[0], model.block_tokens[0])
+    with pytest.raises(ValueError, match="no feedback"):
+        first(x0, feedback=x0)

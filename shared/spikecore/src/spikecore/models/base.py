@@ -9,7 +9,7 @@ from .layers import make_lif
 
 __all__ = ["EXTRA_KEYS", "SpikingBackbone"]
 
-EXTRA_KEYS = ("q_extra", "k_extra", "v_extra", "x_extra")
+EXTRA_KEYS = ("q_extra", "k_extra", "v_extra", "x_extra", "feedback")
 
 
 def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
@@ -43,8 +43,10 @@ class SpikingBackbone(nn.Module):
     ``x`` ``[T, B, D_i, N_i]``: ``q/k/v_extra`` (``[T, B, D_i, N_i]``) are added to that projection of
     its attention module before the BN; ``x_extra`` (shaped like ``x``) is added to the attention
     module's input but not to the residual. A block raises ``ValueError`` for an extra its attention
-    does not have (e.g. ``v_extra`` for Q-K attention). ``forward_features(x_seq, extras)`` passes
-    ``extras[i]`` (a dict with keys among :data:`EXTRA_KEYS`) to block ``i``.
+    does not have (e.g. ``v_extra`` for Q-K attention); ``feedback`` goes to attention modules whose
+    ``forward`` takes one (FB-LiDiff). ``forward_features(x_seq, extras)`` passes ``extras[i]`` (a dict
+    with keys among :data:`EXTRA_KEYS`) to block ``i``. ``forward_blocks(x, start=i, stop=j)`` runs a
+    slice of the blocks (e.g. SpiLiFormer's second pass over the last stage only).
 
     Attributes: ``num_features`` (final D), ``block_dims`` (D of each block), ``block_tokens`` (N of each
     block at ``img_size``), ``default_feedback_blocks`` (the blocks of the last stage, D == num_features),
@@ -124,21 +126,40 @@ class SpikingBackbone(nn.Module):
                 raise ValueError(f"unknown extra(s) {unknown} for block {i}; valid: {', '.join(EXTRA_KEYS)}")
 
     def forward_blocks(
-        self, x: torch.Tensor, extras: dict[int, dict[str, torch.Tensor]] | None = None
+        self,
+        x: torch.Tensor,
+        extras: dict[int, dict[str, torch.Tensor]] | None = None,
+        *,
+        start: int = 0,
+        stop: int | None = None,
     ) -> torch.Tensor:
-        """Run all blocks (with the stage transitions) on the stem output; returns ``[T, B, D, N]``."""
+        """Run blocks ``start .. stop - 1`` (with the stage transitions); returns ``[T, B, D, N]``.
+
+        ``x`` is the input of block ``start``: the stem output for ``start=0``. The result is the input of
+        block ``stop`` (so it includes the transition into ``stop``'s stage); ``stop=None`` runs to the
+        end and returns the final features. A slice that crosses a stage transition needs ``x`` spatial
+        (``[T, B, D, H, W]``), since the patch embedding needs the grid.
+        """
+        n = len(self.blocks)
+        stop = n if stop is None else stop
+        if not 0 <= start <= stop <= n:
+            raise ValueError(f"need 0 <= start <= stop <= {n} blocks, got start={start}, stop={stop}")
         extras = extras or {}
         self._check_extras(extras)
         grid = x.shape[3:]
         x = x.flatten(3)
-        stage = 0
-        for i, block in enumerate(self.blocks):
+        stage = self.block_stage[start] if start < n else self.block_stage[-1]
+        for i in range(start, n):
             while stage < self.block_stage[i]:  # patch embedding into the next stage
+                if len(grid) != 2:
+                    raise ValueError("a stage transition needs spatial input [T, B, D, H, W]")
                 x = self.downsample[stage](x.reshape(*x.shape[:3], *grid))
                 grid = x.shape[3:]
                 x = x.flatten(3)
                 stage += 1
-            x = block(x, **extras.get(i, {}))
+            if i == stop:  # x is now the input of block `stop`
+                break
+            x = self.blocks[i](x, **extras.get(i, {}))
         return x
 
     def forward_features(

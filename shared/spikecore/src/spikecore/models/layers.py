@@ -3,6 +3,8 @@ attention name table and the generic transformer block with its feedback extensi
 
 from typing import Any
 
+import inspect
+
 import torch
 from timm.layers import DropPath
 from torch import nn
@@ -157,7 +159,8 @@ class SpikingBlock(nn.Module):
     The same residual form covers Spikformer / QKFormer (spiking branches, SEW-style sums) and SDT v1
     (membrane-shortcut branches that start with a LIF, real-valued sums). ``q_extra`` / ``k_extra`` /
     ``v_extra`` go to the attention module (added to that projection before its BN); ``x_extra`` is added
-    to the attention input only. Extras are ``[T, B, D, N]`` (or ``[T, B, D, H, W]`` when ``x`` is).
+    to the attention input only; ``feedback`` goes to attention modules whose ``forward`` takes a
+    ``feedback`` argument (FB-LiDiff). Extras are ``[T, B, D, N]`` (or ``[T, B, D, H, W]`` when ``x`` is).
     Spatial input ``[T, B, D, H, W]`` is accepted and returned in the same layout.
     """
 
@@ -172,6 +175,11 @@ class SpikingBlock(nn.Module):
         """The projections of the attention module that accept an extra input (e.g. ``("q", "k")``)."""
         return tuple(self.attn.branches)
 
+    @property
+    def accepts_feedback(self) -> bool:
+        """Whether the attention module takes a ``feedback`` input (SpiLiFormer's FB-LiDiff)."""
+        return "feedback" in inspect.signature(self.attn.forward).parameters
+
     def forward(
         self,
         x: torch.Tensor,
@@ -180,6 +188,7 @@ class SpikingBlock(nn.Module):
         k_extra: torch.Tensor | None = None,
         v_extra: torch.Tensor | None = None,
         x_extra: torch.Tensor | None = None,
+        feedback: torch.Tensor | None = None,
     ) -> torch.Tensor:
         extras = {"q": q_extra, "k": k_extra, "v": v_extra}
         for name, extra in extras.items():
@@ -195,6 +204,10 @@ class SpikingBlock(nn.Module):
                 raise ValueError(f"x_extra of shape {tuple(x_extra.shape)} does not match x {tuple(shape)}")
             attn_in = x + x_extra.reshape(x.shape)
         kwargs = {f"{n}_extra": e for n, e in extras.items() if e is not None}
+        if feedback is not None:
+            if not self.accepts_feedback:
+                raise ValueError(f"{type(self.attn).__name__} takes no feedback input")
+            kwargs["feedback"] = feedback.flatten(3) if feedback.dim() == 5 else feedback
         x = x + self.drop_path(self.attn(attn_in, **kwargs))
         x = x + self.drop_path(self.mlp(x))
         return x.reshape(shape)

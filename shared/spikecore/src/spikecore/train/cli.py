@@ -6,7 +6,9 @@
   config by ``class_path`` (any ``LightningDataModule``), ``num_classes`` linked from the data module into
   the model, a checkpoint callback that keeps the best and the last epoch (``--ckpt_path last`` resumes).
 - ``<pkg> analyze --config ... --ckpt_path ... [--out DIR]``: builds the same model and data module from
-  the config without training, loads the checkpoint safely and hands both to ``fn``.
+  the config without training, loads the checkpoint safely and hands both to ``fn``. A command given as
+  ``(fn, help, add_arguments)`` declares its own options: ``add_arguments(parser)`` adds them to the
+  command's ``argparse`` parser, and they reach ``fn`` in its options.
 """
 
 import argparse
@@ -52,21 +54,23 @@ def make_cli(
 
 
 AnalyzeFn = Callable[[pl.LightningModule, pl.LightningDataModule, argparse.Namespace], dict]
+AddArguments = Callable[[argparse.ArgumentParser], None]
 
 
 def run_cli(
     module_class: type[pl.LightningModule],
     args: Sequence[str] | None = None,
-    commands: dict[str, tuple[AnalyzeFn, str]] | None = None,
+    commands: dict[str, tuple[AnalyzeFn, str] | tuple[AnalyzeFn, str, AddArguments]] | None = None,
 ) -> object:
     """Entry point of a package's console script. ``commands`` maps extra command names to
-    ``(fn, help)``; ``fn(model, datamodule, options)`` runs on a model restored from ``--ckpt_path``."""
+    ``(fn, help)`` or ``(fn, help, add_arguments)``; ``fn(model, datamodule, options)`` runs on a model
+    restored from ``--ckpt_path``."""
     from_argv = args is None
     args = list(sys.argv[1:] if from_argv else args)
     commands = commands or {}
     if args and args[0] in commands:
-        fn, help_text = commands[args[0]]
-        return _run_command(module_class, args[0], fn, help_text, args[1:])
+        fn, help_text, *add_arguments = commands[args[0]]
+        return _run_command(module_class, args[0], fn, help_text, args[1:], *add_arguments)
     ckpt = _ckpt_path(args)
     if ckpt is not None and ckpt not in ("last", "best", "hpc", "registry"):
         load_checkpoint(ckpt)  # a missing, corrupted or unsafe file: one clear error before any work starts
@@ -82,7 +86,14 @@ def _ckpt_path(args: list[str]) -> str | None:
     return None
 
 
-def _run_command(module_class, name: str, fn: AnalyzeFn, help_text: str, args: list[str]) -> dict:
+def _run_command(
+    module_class,
+    name: str,
+    fn: AnalyzeFn,
+    help_text: str,
+    args: list[str],
+    add_arguments: AddArguments | None = None,
+) -> dict:
     ap = argparse.ArgumentParser(prog=name, description=help_text)
     ap.add_argument("--config", action="append", required=True, help="the YAML(s) the model was trained with")
     ap.add_argument("--ckpt_path", help="checkpoint written by fit (without it: the untrained model)")
@@ -90,6 +101,8 @@ def _run_command(module_class, name: str, fn: AnalyzeFn, help_text: str, args: l
     ap.add_argument("--split", choices=("val", "test"), default="val", help="data split to analyse")
     ap.add_argument("--max_batches", type=int, default=8, help="batches of the split to use")
     ap.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    if add_arguments is not None:
+        add_arguments(ap)
     opts, overrides = ap.parse_known_args(args)
     cli_args = [a for c in opts.config for a in ("--config", c)] + overrides
     cli = make_cli(module_class, cli_args, run=False)
