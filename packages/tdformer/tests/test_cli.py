@@ -190,3 +190,31 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "world_size=2" in proc.stderr + proc.stdout or "GLOBAL_RANK: 1" in proc.stderr + proc.stdout
     assert list((tmp_path / "runs").rglob("last.ckpt"))
+
+
+def test_missing_dataset_is_one_message_not_a_traceback(tmp_path):
+    config = CONFIGS / "cifar10_spikformer_4_384.yaml"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tdformer",
+            "fit",
+            "--config",
+            str(config),
+            "--data.root",
+            str(tmp_path / "none"),
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.precision",
+            "32-true",
+            "--trainer.logger",
+            "false",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    assert "Expected layout" in proc.stderr and "cifar-10-batches-py" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -2,7 +2,7 @@
 
 from collections.abc import Sequence
 
-from spikecore.train import run_cli
+from spikecore.train import console_main, run_cli
 
 from .analysis import analyze
 from .module import TDFormerClassifier
@@ -22,9 +22,9 @@ def run(args: Sequence[str] | None = None):
     return run_cli(TDFormerClassifier, args, COMMANDS)
 
 
-def main(args: Sequence[str] | None = None) -> None:
+def main() -> None:
     """The ``tdformer`` console script (``tdformer fit --config configs/demo.yaml``, ``tdformer analyze``)."""
-    run(args)
+    console_main(TDFormerClassifier, COMMANDS)
 
 
 if __name__ == "__main__":

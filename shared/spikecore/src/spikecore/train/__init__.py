@@ -12,7 +12,7 @@ Needs the ``train`` extra (``pip install "spikecore[train]"``): pytorch-lightnin
 
 from .checkpoint import load_checkpoint
 from .classifier import SpikingClassifier
-from .cli import SpikingCLI, run_cli
+from .cli import SpikingCLI, console_main, run_cli
 from .schedule import warmup_cosine
 
-__all__ = ["SpikingCLI", "SpikingClassifier", "load_checkpoint", "run_cli", "warmup_cosine"]
+__all__ = ["SpikingCLI", "SpikingClassifier", "console_main", "load_checkpoint", "run_cli", "warmup_cosine"]

@@ -77,6 +77,22 @@ def run_cli(
     return make_cli(module_class, None if from_argv else args)
 
 
+def console_main(
+    module_class: type[pl.LightningModule],
+    commands: dict | None = None,
+) -> None:
+    """A package's console script: :func:`run_cli` on ``sys.argv``, with the errors users cause (a missing
+    dataset, a bad checkpoint) printed as one message and exit status 2 instead of a traceback."""
+    from ..data.errors import DatasetNotFoundError
+    from .checkpoint import CheckpointError
+
+    try:
+        run_cli(module_class, None, commands)
+    except (DatasetNotFoundError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def _ckpt_path(args: list[str]) -> str | None:
     for i, a in enumerate(args):
         if a == "--ckpt_path" and i + 1 < len(args):
