@@ -75,7 +75,7 @@ def test_checkpoint_round_trip_gives_the_same_predictions(tmp_path):
 
 
 def test_resume_after_interruption_continues_where_it_stopped(tmp_path):
-    cli, config, over = _fit(tmp_path, "--trainer.max_epochs", "1")
+    cli, config, over = _fit(tmp_path, "--trainer.max_epochs", "1", "--trainer.logger", "false")
     last = Path(cli.trainer.checkpoint_callback.last_model_path)
     steps_one_epoch = cli.trainer.global_step
     assert steps_one_epoch == 3

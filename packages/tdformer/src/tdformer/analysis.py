@@ -214,6 +214,7 @@ def plot(results: dict, out: Path) -> None:
         pairs = [f"{t}-{t + 1}" for t in range(1, len(r["mi_steps_bits"]) + 1)]
         axes[1].plot(pairs, r["mi_steps_bits"], marker="o", label=mode)
     axes[0].set(title="gradient norm reaching each step", xlabel="time step", ylabel="|dL/dx_t|")
+    axes[0].xaxis.get_major_locator().set_params(integer=True)
     axes[1].set(title="MI between successive steps", xlabel="steps", ylabel="bits per unit")
     for ax in axes:
         ax.legend()

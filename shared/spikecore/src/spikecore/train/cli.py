@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI
 
 from .checkpoint import load_checkpoint, load_weights
@@ -32,8 +32,8 @@ class SpikingCLI(LightningCLI):
 def _trainer_defaults() -> dict:
     return {
         "callbacks": [
+            # The learning rate is logged by the module itself ("lr"), so runs without a logger work too.
             ModelCheckpoint(monitor="val/acc", mode="max", save_last=True, filename="best-{epoch}"),
-            LearningRateMonitor(logging_interval="epoch"),
         ],
     }
 
