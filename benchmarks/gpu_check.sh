@@ -4,7 +4,7 @@
 #
 #   bash benchmarks/gpu_check.sh            # PYTHON=/path/to/python to choose the interpreter
 #
-# Writes benchmarks/results/{lif,attention}-cuda.json, regenerates benchmarks/results/README.md and keeps
+# Writes benchmarks/results/{lif,attention,tdformer-train,similarity}-cuda.json, regenerates benchmarks/results/README.md and keeps
 # logs in benchmarks/results/logs/. If $OUT is set, copies the result files and logs there (flat).
 # Every step runs even if an earlier one failed; the exit status is non-zero if any failed.
 set -euo pipefail

@@ -10,6 +10,7 @@ from .attention import (
     TokenQKAttention,
 )
 from .neuron import BACKENDS, LIF, SURROGATES, heaviside, lif_multi_step, lif_reference, reset
+from .similarity import topk_similarity
 
 __version__ = "0.1.0"
 
@@ -28,4 +29,5 @@ __all__ = [
     "lif_multi_step",
     "lif_reference",
     "reset",
+    "topk_similarity",
 ]
