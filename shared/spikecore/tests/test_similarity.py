@@ -125,6 +125,7 @@ def test_bad_input_is_rejected():
         topk_similarity(a, b, backend="cuda")
 
 
+@pytest.mark.cuda
 @requires_cuda
 def test_triton_kernel_on_cuda_at_a_real_size():
     a, b = _data(300, 3000, 700, seed=7)
