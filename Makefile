@@ -27,12 +27,18 @@ test: install
 # spikecore's check and tiny transformer, then TDFormer trained on the embedded digits, tested and analysed.
 TDFORMER_DEMO := packages/tdformer/configs/demo.yaml
 TDFORMER_RUN := runs/tdformer-demo/latest/checkpoints/last.ckpt
+SPILIFORMER_DEMO := packages/spiliformer/configs/demo.yaml
+SPILIFORMER_RUN := runs/spiliformer-demo/latest/checkpoints/last.ckpt
 demo: install
 	$(VENV)/bin/python -m spikecore.demo
 	rm -rf runs/tdformer-demo
 	$(VENV)/bin/tdformer fit --config $(TDFORMER_DEMO)
 	$(VENV)/bin/tdformer test --config $(TDFORMER_DEMO) --ckpt_path $(TDFORMER_RUN)
 	$(VENV)/bin/tdformer analyze --config $(TDFORMER_DEMO) --ckpt_path $(TDFORMER_RUN) --split test
+	rm -rf runs/spiliformer-demo
+	$(VENV)/bin/spiliformer fit --config $(SPILIFORMER_DEMO)
+	$(VENV)/bin/spiliformer test --config $(SPILIFORMER_DEMO) --ckpt_path $(SPILIFORMER_RUN)
+	$(VENV)/bin/spiliformer analyze --config $(SPILIFORMER_DEMO) --ckpt_path $(SPILIFORMER_RUN) --split test
 
 bench: install
 	$(VENV)/bin/python benchmarks/run_all.py

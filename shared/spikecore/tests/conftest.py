@@ -6,7 +6,3 @@ import torch
 # before any kernel module is imported, so it is set here, at collection time.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest
-
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

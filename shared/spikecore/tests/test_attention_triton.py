@@ -9,7 +9,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import requires_cuda
+from spikecore_testing import requires_cuda
 
 from spikecore.attention import SpikeDrivenSelfAttention
 from spikecore.attention import _triton as AT

@@ -459,13 +459,13 @@ def test_unknown_or_unsupported_extras_raise():
 
 def test_forward_blocks_slices_compose_to_the_whole():
     """A slice ends at the input of block ``stop`` (stage transition included): the two halves around
-    any block give the full features."""
+    the stem output or any block of the last stage give the full features."""
     model, seq = _tiny_tokens("qkformer_hst_4_384")
     with torch.no_grad():
         stem = model.forward_stem(seq)
         full = model.forward_blocks(stem)
         _mixed(full)
-        for k in range(len(model.blocks) + 1):
+        for k in [0, *model.default_feedback_blocks, len(model.blocks)]:
             head = model.forward_blocks(stem, stop=k)
             spatial = head.reshape(*head.shape[:3], *stem.shape[3:]) if k == 0 else head
             assert torch.equal(model.forward_blocks(spatial, start=k), full)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import requires_cuda
+from spikecore_testing import requires_cuda
 
 from spikecore.similarity import topk_similarity, topk_similarity_reference
 

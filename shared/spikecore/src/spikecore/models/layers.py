@@ -1,9 +1,8 @@
 """Building blocks the backbone families share: conv stages over ``[T, B, C, H, W]``, spiking MLPs, the
 attention name table and the generic transformer block with its feedback extension point."""
 
-from typing import Any
-
 import inspect
+from typing import Any
 
 import torch
 from timm.layers import DropPath

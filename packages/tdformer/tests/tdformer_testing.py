@@ -1,3 +1,5 @@
+"""Helpers shared by the tdformer tests (uniquely named: all packages' tests share one sys.path)."""
+
 from pathlib import Path
 
 import yaml

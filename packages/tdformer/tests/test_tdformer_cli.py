@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import CONFIGS, tiny_override
+from tdformer_testing import CONFIGS, tiny_override
 
 from tdformer.cli import run as main
 

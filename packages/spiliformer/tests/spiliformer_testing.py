@@ -1,0 +1,49 @@
+"""Helpers shared by the spiliformer tests (uniquely named: all packages' tests share one sys.path)."""
+
+from pathlib import Path
+
+import yaml
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+# Tiny networks of each family (every argument of the real ones, small values).
+TINY_ARCH = {
+    "spiliformer_2_256_dvs": dict(embed_dims=(16, 32), depths=(1, 1), num_heads=4),
+    "spiliformer_4_384": dict(embed_dims=(8, 16, 32), depths=(1, 1, 1), num_heads=4),
+    "spiliformer_10_768": dict(embed_dims=(8, 16, 32), depths=(1, 1, 2), num_heads=4),
+}
+
+
+def tiny_arch_kwargs(arch: str, img_size: int) -> dict:
+    return dict(TINY_ARCH[arch], img_size=img_size, backend="torch")
+
+
+def tiny_override(config: Path, tmp_path: Path, **trainer) -> Path:
+    """A second config that swaps in a tiny network, the embedded data and a CPU trainer."""
+    cfg = yaml.safe_load(config.read_text())
+    arch = cfg["model"]["arch"]
+    events = "DVS" in cfg["data"]["class_path"] or "Caltech" in cfg["data"]["class_path"]
+    size = 32 if events else 16
+    common = {"root": str(tmp_path / "data"), "batch_size": 4, "num_workers": 0}
+    if events:
+        data = {
+            "class_path": "spikecore.data.EventDigitsDataModule",
+            "init_args": dict(common, T=4, frame_size=size),
+        }
+    else:
+        data = {"class_path": "spikecore.data.DigitsDataModule", "init_args": dict(common, img_size=size)}
+    override = {
+        "trainer": {
+            "precision": "32-true",
+            "accelerator": "cpu",
+            "devices": 1,
+            "default_root_dir": str(tmp_path / "runs"),
+            "enable_progress_bar": False,
+            **trainer,
+        },
+        "model": {"arch_kwargs": tiny_arch_kwargs(arch, size), "T": 4},
+        "data": data,
+    }
+    path = tmp_path / f"tiny_{config.stem}.yaml"
+    path.write_text(yaml.safe_dump(override))
+    return path
