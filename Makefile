@@ -39,6 +39,8 @@ demo: install
 	$(VENV)/bin/spiliformer fit --config $(SPILIFORMER_DEMO)
 	$(VENV)/bin/spiliformer test --config $(SPILIFORMER_DEMO) --ckpt_path $(SPILIFORMER_RUN)
 	$(VENV)/bin/spiliformer analyze --config $(SPILIFORMER_DEMO) --ckpt_path $(SPILIFORMER_RUN) --split test
+	rm -rf runs/sae-brainmap-demo
+	$(VENV)/bin/sae-brainmap fit --config packages/sae-brainmap/configs/demo.yaml
 
 bench: install
 	$(VENV)/bin/python benchmarks/run_all.py

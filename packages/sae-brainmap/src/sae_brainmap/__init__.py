@@ -1,0 +1,45 @@
+"""SAE-BrainMap (arXiv 2506.11123): layer-wise ViT activations, sparse autoencoders, and their alignment
+with voxels (streaming top-k similarity, the voxel dictionary, NSD / Algonauts readers, a synthetic
+subject on pycortex's S1)."""
+
+from .alignment import top_matches
+from .backbone import DEFAULT_BACKBONE, ViTBackbone
+from .brainmap import BrainMapSAE
+from .checkpoint import SAECheckpointError, load_sae, save_sae
+from .data import ImageDataModule, StoreDataModule
+from .dictionary import VoxelDictionary, build_voxel_dictionary
+from .images import EmbeddedImages, FolderImages, NSDImages
+from .metrics import FiringCounter, batch_metrics
+from .module import SAEModule, train_sae
+from .sae import KINDS, SAE, SAEConfig, make_sae, paper_loss
+from .store import ActivationStore, extract_activations
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_BACKBONE",
+    "KINDS",
+    "SAE",
+    "ActivationStore",
+    "BrainMapSAE",
+    "EmbeddedImages",
+    "FiringCounter",
+    "FolderImages",
+    "ImageDataModule",
+    "NSDImages",
+    "SAECheckpointError",
+    "SAEConfig",
+    "SAEModule",
+    "StoreDataModule",
+    "ViTBackbone",
+    "VoxelDictionary",
+    "batch_metrics",
+    "build_voxel_dictionary",
+    "extract_activations",
+    "load_sae",
+    "make_sae",
+    "paper_loss",
+    "save_sae",
+    "top_matches",
+    "train_sae",
+]

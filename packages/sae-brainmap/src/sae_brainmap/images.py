@@ -1,0 +1,177 @@
+"""Image sources (a folder, NSD's ``nsd_stimuli.hdf5``, the embedded photographs) and the ViT transform.
+
+A source returns uint8 ``[H, W, 3]`` arrays; :class:`ImageDataset` turns them into normalised tensors.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+# scikit-image's photographs that ship inside the wheel (others, e.g. eagle, would be downloaded).
+SKIMAGE_PHOTOS = (
+    "astronaut",
+    "brick",
+    "camera",
+    "cat",
+    "chelsea",
+    "clock",
+    "coffee",
+    "coins",
+    "colorwheel",
+    "grass",
+    "gravel",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "logo",
+    "moon",
+    "page",
+    "retina",
+    "rocket",
+    "text",
+)
+
+
+def to_rgb_uint8(img: np.ndarray) -> np.ndarray:
+    img = np.asarray(img)
+    if img.dtype != np.uint8:
+        img = (np.clip(img.astype(np.float64), 0, 1) * 255).round().astype(np.uint8)
+    if img.ndim == 2:
+        img = np.repeat(img[:, :, None], 3, axis=2)
+    return np.ascontiguousarray(img[:, :, :3])
+
+
+class FolderImages:
+    """Every image file under ``root`` (recursively, sorted by path)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder {self.root} does not exist")
+        self.paths = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not self.paths:
+            raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {self.root}")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        from PIL import Image
+
+        with Image.open(self.paths[i]) as im:
+            return to_rgb_uint8(np.asarray(im.convert("RGB")))
+
+
+class NSDImages:
+    """NSD's stimuli: ``nsd_stimuli.hdf5`` dataset ``imgBrick`` (73000, 425, 425, 3) uint8, optionally a
+    subset of its (0-based) indices. The file is opened lazily in each worker process."""
+
+    def __init__(self, path: str | Path, indices: list[int] | None = None, dataset: str = "imgBrick") -> None:
+        import h5py
+
+        self.path, self.dataset = Path(path).expanduser(), dataset
+        if not self.path.is_file():
+            raise FileNotFoundError(f"NSD stimuli file {self.path} does not exist")
+        with h5py.File(self.path, "r") as f:
+            if dataset not in f:
+                raise KeyError(f"{self.path} has no dataset {dataset!r} (found {list(f)})")
+            n = f[dataset].shape[0]
+        self.indices = list(range(n)) if indices is None else [int(i) for i in indices]
+        self._file = None
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        import h5py
+
+        if self._file is None:
+            self._file = h5py.File(self.path, "r")
+        return to_rgb_uint8(self._file[self.dataset][self.indices[i]])
+
+    def __getstate__(self) -> dict:  # h5py handles do not cross process boundaries
+        return {**self.__dict__, "_file": None}
+
+
+def embedded_originals() -> list[np.ndarray]:
+    """scikit-image's bundled photographs plus the 200 faces and non-faces of ``lfw_subset``."""
+    from skimage import data
+
+    out = []
+    for name in SKIMAGE_PHOTOS:
+        try:
+            out.append(to_rgb_uint8(getattr(data, name)()))
+        except Exception:  # an image this scikit-image version would have to download: skip it
+            continue
+    out += [to_rgb_uint8(img) for img in data.lfw_subset()]
+    return out
+
+
+class EmbeddedImages:
+    """A few hundred stimuli from the embedded images: random crops (30-100% of the side), flips and
+    small brightness changes, fixed by ``seed``. No file, no download."""
+
+    def __init__(self, n_images: int = 300, seed: int = 0) -> None:
+        self.originals = embedded_originals()
+        self.n_images, self.seed = n_images, seed
+
+    def __len__(self) -> int:
+        return self.n_images
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if not 0 <= i < self.n_images:
+            raise IndexError(i)
+        rng = np.random.default_rng([self.seed, i])
+        img = self.originals[i % len(self.originals)]
+        h, w = img.shape[:2]
+        side = int(min(h, w) * rng.uniform(0.3, 1.0)) if i >= len(self.originals) else min(h, w)
+        top, left = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
+        crop = img[top : top + side, left : left + side]
+        if i >= len(self.originals):  # the first pass over the originals is left untouched
+            if rng.random() < 0.5:
+                crop = crop[:, ::-1]
+            crop = np.clip(crop.astype(np.float32) * rng.uniform(0.8, 1.2), 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(crop)
+
+
+def to_model_input(img: np.ndarray, size: tuple[int, int], mean, std) -> Tensor:
+    """uint8 ``[H, W, 3]`` -> float ``[3, h, w]``: resize the short side (bicubic, antialiased), centre
+    crop, normalise (CLIP's preprocessing)."""
+    x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255)[None]
+    h, w = x.shape[-2:]
+    scale = max(size[0] / h, size[1] / w)
+    nh, nw = max(size[0], round(h * scale)), max(size[1], round(w * scale))
+    x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False).clamp_(0, 1)
+    top, left = (nh - size[0]) // 2, (nw - size[1]) // 2
+    x = x[0, :, top : top + size[0], left : left + size[1]]
+    return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """``source[i]`` as a model input tensor."""
+
+    def __init__(self, source, size: tuple[int, int], mean, std) -> None:
+        self.source, self.size, self.mean, self.std = source, tuple(size), tuple(mean), tuple(std)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> Tensor:
+        return to_model_input(self.source[i], self.size, self.mean, self.std)
+
+
+def make_source(kind: str = "embedded", path: str | None = None, n_images: int = 300, seed: int = 0):
+    """``embedded`` (default), ``folder`` (``path`` = a folder) or ``nsd`` (``path`` = nsd_stimuli.hdf5)."""
+    if kind == "embedded":
+        return EmbeddedImages(n_images, seed)
+    if path is None:
+        raise ValueError(f"image source {kind!r} needs a path")
+    if kind == "folder":
+        return FolderImages(path)
+    if kind == "nsd":
+        return NSDImages(path)
+    raise ValueError(f"unknown image source {kind!r}: embedded, folder or nsd")
