@@ -41,6 +41,8 @@ demo: install
 	$(VENV)/bin/spiliformer analyze --config $(SPILIFORMER_DEMO) --ckpt_path $(SPILIFORMER_RUN) --split test
 	rm -rf runs/sae-brainmap-demo
 	$(VENV)/bin/sae-brainmap fit --config packages/sae-brainmap/configs/demo.yaml
+	$(VENV)/bin/sae-brainmap run --config packages/sae-brainmap/configs/demo_run.yaml --out runs/sae-brainmap-demo/run
+	@echo "sae-brainmap report: runs/sae-brainmap-demo/run/report.md"
 
 bench: install
 	$(VENV)/bin/python benchmarks/run_all.py

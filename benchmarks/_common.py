@@ -58,7 +58,16 @@ def machine(device: str) -> dict:
 
 def versions() -> dict:
     out = {"python": platform.python_version()}
-    for dist in ("torch", "triton", "numba", "spikingjelly", "spikecore", "tdformer", "spiliformer", "sae-brainmap"):
+    for dist in (
+        "torch",
+        "triton",
+        "numba",
+        "spikingjelly",
+        "spikecore",
+        "tdformer",
+        "spiliformer",
+        "sae-brainmap",
+    ):
         try:
             out[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:

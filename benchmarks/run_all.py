@@ -19,7 +19,14 @@ from pathlib import Path
 from _common import RESULTS, add_common_args, write_readme
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ("lif.py", "attention.py", "tdformer_train.py", "spiliformer_train.py", "similarity.py", "sae_train.py")
+BENCHMARKS = (
+    "lif.py",
+    "attention.py",
+    "tdformer_train.py",
+    "spiliformer_train.py",
+    "similarity.py",
+    "sae_train.py",
+)
 
 
 def main(argv=None) -> int:

@@ -3,6 +3,7 @@
 ``sae-brainmap fit --config configs/demo.yaml [--config more.yaml] [--model.kind topk ...]``; the data
 module is chosen in the config by ``class_path`` (``sae_brainmap.ImageDataModule`` for online training,
 ``sae_brainmap.StoreDataModule`` for an activation store).
+``sae-brainmap run --config configs/demo_run.yaml [--out DIR]`` runs the whole pipeline (:mod:`.pipeline`).
 """
 
 import sys
@@ -46,18 +47,53 @@ def _ckpt_path(args: list[str]) -> str | None:
     return None
 
 
-def run(args: Sequence[str] | None = None) -> SAECLI:
-    """Run a command (``["fit", "--config", ...]``; None: ``sys.argv``) and return the LightningCLI."""
-    argv = list(sys.argv[1:] if args is None else args)
+def run_command(args: Sequence[str]) -> dict[str, str]:
+    """``sae-brainmap run --config RUN.yaml [--out DIR]``: the whole pipeline (see :mod:`.pipeline`)."""
+    import argparse
+
+    from .pipeline import run_pipeline
+    from .run_config import load_run_config
+
+    parser = argparse.ArgumentParser(
+        prog="sae-brainmap run",
+        description="Run the SAE-BrainMap pipeline end to end (activations, SAEs, brain data, voxel "
+        "dictionary, analyses, maps, report); stages whose outputs match their inputs are skipped.",
+    )
+    parser.add_argument("--config", required=True, help="the run config (YAML), e.g. configs/demo_run.yaml")
+    parser.add_argument("--out", default=None, help="output folder (overrides the config's `out`)")
+    options = parser.parse_args(list(args))
+    return run_pipeline(load_run_config(options.config, options.out))
+
+
+def run(args: Sequence[str] | None = None) -> SAECLI | dict[str, str]:
+    """Run a command (``["fit", "--config", ...]``; None: ``sys.argv``) and return the LightningCLI (for
+    ``run``: the pipeline's ``{stage: "ran" | "skipped"}``)."""
+    from_argv = args is None
+    argv = list(sys.argv[1:] if from_argv else args)
+    if argv and argv[0] == "run":
+        return run_command(argv[1:])
     ckpt = _ckpt_path(argv)
     if ckpt is not None and ckpt not in ("last", "best", "hpc", "registry"):
         load_checkpoint(ckpt)  # missing, corrupted or unsafe: one clear error before any work starts
-    return make_cli(argv)
+    return make_cli(None if from_argv else argv)  # None: LightningCLI reads sys.argv itself
 
 
 def main(args: Sequence[str] | None = None) -> None:
-    """The ``sae-brainmap`` console script."""
-    run(args)
+    """The ``sae-brainmap`` console script. Errors a user causes in ``run`` (a bad config, missing
+    brain data or checkpoints) are printed as one message with exit status 2."""
+    from .brain.errors import BrainDataError
+    from .checkpoint import SAECheckpointError
+    from .run_config import RunConfigError
+
+    argv = list(sys.argv[1:] if args is None else args)
+    if not argv or argv[0] != "run":
+        run(args)
+        return
+    try:
+        run(args)
+    except (RunConfigError, BrainDataError, SAECheckpointError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -1,0 +1,205 @@
+"""The configuration of ``sae-brainmap run``: plain YAML read into dataclasses, one section per stage.
+
+Every key is checked: a key that is not a field of its section (a typo) fails with one
+:class:`RunConfigError` naming the key, the section and the keys that are allowed.
+"""
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .backbone import DEFAULT_BACKBONE
+from .brain.s1 import S1_ROIS
+
+
+class RunConfigError(ValueError):
+    """A ``sae-brainmap run`` config that cannot be used (unknown key, wrong type, missing value)."""
+
+
+@dataclass
+class ImagesConfig:
+    source: str = "embedded"  # embedded | folder | nsd (nsd: path = nsd_stimuli.hdf5, images from the design)
+    path: str | None = None
+    n_images: int = 96  # embedded only
+    seed: int = 0
+    batch_size: int = 16
+
+
+@dataclass
+class BackboneConfig:
+    name: str = DEFAULT_BACKBONE
+    checkpoint: str | None = None  # None: RANDOM weights (a warning says so)
+    img_size: int | None = None  # None: the model's own (224)
+    layers: list[int] | None = None  # None: all blocks
+
+
+@dataclass
+class SAESection:
+    # {layer: path} of trained SAEs, or a folder holding layer_XX.safetensors; None: train small ones here
+    checkpoints: dict[int, str] | str | None = None
+    kind: str = "topk"
+    n_latents: int = 1536
+    k: int = 32
+    steps: int = 100
+    batch_size: int = 1024
+    lr: float = 1.0e-3
+    seed: int = 0
+
+
+@dataclass
+class SyntheticConfig:
+    rois: list[str] = field(default_factory=lambda: list(S1_ROIS))
+    n_repeats: int = 3
+    pool: int = 6
+    ncsnr_range: list[float] = field(default_factory=lambda: [0.2, 1.0])
+    seed: int = 0
+
+
+@dataclass
+class NSDConfig:
+    betas: list[str] = field(default_factory=list)  # betas_sessionXX.nii.gz, in session order
+    expdesign: str | None = None  # nsd_expdesign.mat
+    subject: int = 1
+    roi_files: dict[str, str] = field(default_factory=dict)  # ROI class -> .nii.gz
+    label_tables: dict[str, str] | None = None  # ROI class -> .ctab (NSD's classes have built-in tables)
+    rois: list[str] = field(default_factory=list)
+    ncsnr: str | None = None  # ncsnr.nii.gz (noise ceiling); None: no ceiling
+    zscore_by: str = "run"
+
+
+@dataclass
+class BrainConfig:
+    kind: str = "synthetic"  # synthetic | nsd
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    nsd: NSDConfig = field(default_factory=NSDConfig)
+
+
+@dataclass
+class DictionaryConfig:
+    centered: bool = True
+    one_to_one: bool = False
+    candidates: int = 16
+
+
+@dataclass
+class AnalysisConfig:
+    rsa_permutations: int = 1000
+    rsa_max_voxels: int = 1000  # RSA on a seeded random subset of voxels (the [V, V] matrices grow as V^2)
+    test_fraction: float = 0.2  # held-out images of the ridge encoding baseline
+    seed: int = 0
+
+
+@dataclass
+class MapsConfig:
+    enabled: bool = True
+    images: list[int] = field(
+        default_factory=lambda: [0, 1]
+    )  # stimuli whose dictionary activations are drawn
+    subject: str | None = "S1"  # pycortex subject of the volume (S1 for the synthetic subject)
+    xfm: str = "fullhead"
+
+
+@dataclass
+class RunConfig:
+    out: str = "runs/sae-brainmap-run"
+    images: ImagesConfig = field(default_factory=ImagesConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    sae: SAESection = field(default_factory=SAESection)
+    brain: BrainConfig = field(default_factory=BrainConfig)
+    dictionary: DictionaryConfig = field(default_factory=DictionaryConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    maps: MapsConfig = field(default_factory=MapsConfig)
+
+
+def _build(cls, data: Any, where: str):
+    if data is None:
+        return cls()
+    if not isinstance(data, dict):
+        raise RunConfigError(f"section {where!r} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        raise RunConfigError(
+            f"unknown key {unknown[0]!r} in section {where!r} of the run config; allowed: {', '.join(names)}"
+        )
+    kwargs = {}
+    for key, value in data.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, f"{where}.{key}" if where != "<top>" else key)
+        else:
+            kwargs[key] = _check_type(value, hint, f"{where}.{key}" if where != "<top>" else key)
+    return cls(**kwargs)
+
+
+def _check_type(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(hint):
+            try:
+                return _check_type(value, option, where)
+            except RunConfigError as err:
+                errors.append(str(err))
+        raise RunConfigError(f"{where}: {value!r} is not a {hint}")
+    if hint is type(None):
+        if value is None:
+            return None
+        raise RunConfigError(f"{where}: expected null, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise RunConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise RunConfigError(f"{where}: expected a mapping, got {value!r}")
+        kt, vt = typing.get_args(hint)
+        return {_check_type(k, kt, where): _check_type(v, vt, f"{where}.{k}") for k, v in value.items()}
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if (hint is int and isinstance(value, bool)) or not isinstance(value, hint):
+        raise RunConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def load_run_config(path: str | Path, out: str | None = None) -> RunConfig:
+    """Read and check a run config (YAML). ``out`` overrides its ``out`` folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise RunConfigError(f"run config {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise RunConfigError(f"{path}: not valid YAML: {err}") from None
+    config = _build(RunConfig, data, "<top>")
+    if out is not None:
+        config.out = str(out)
+    _validate(config)
+    return config
+
+
+def _validate(c: RunConfig) -> None:
+    if c.images.source not in ("embedded", "folder", "nsd"):
+        raise RunConfigError(f"images.source must be embedded, folder or nsd, got {c.images.source!r}")
+    if c.brain.kind not in ("synthetic", "nsd"):
+        raise RunConfigError(f"brain.kind must be synthetic or nsd, got {c.brain.kind!r}")
+    if c.brain.kind == "nsd":
+        n = c.brain.nsd
+        missing = [k for k in ("betas", "expdesign", "roi_files", "rois") if not getattr(n, k)]
+        if missing:
+            raise RunConfigError(f"brain.kind nsd needs brain.nsd.{', brain.nsd.'.join(missing)}")
+        if c.images.source != "nsd":
+            raise RunConfigError("brain.kind nsd needs images.source nsd (the subject's own stimuli)")
+    if c.brain.kind == "synthetic" and c.images.source == "nsd":
+        raise RunConfigError("images.source nsd is only used with brain.kind nsd")
+    if not 0 < c.analysis.test_fraction < 1:
+        raise RunConfigError(f"analysis.test_fraction must be in (0, 1), got {c.analysis.test_fraction}")
+    if len(c.maps.images) > 0 and min(c.maps.images) < 0:
+        raise RunConfigError("maps.images are image indices (>= 0)")
