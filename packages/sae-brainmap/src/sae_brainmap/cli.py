@@ -15,6 +15,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI
 
 from spikecore.train import load_checkpoint
+from spikecore.train.cli import ckpt_path_arg
 
 from .brainmap import BrainMapSAE
 
@@ -36,15 +37,6 @@ def make_cli(args: Sequence[str] | None, run: bool = True) -> SAECLI:
         args=list(args) if args is not None else None,
         run=run,
     )
-
-
-def _ckpt_path(args: list[str]) -> str | None:
-    for i, a in enumerate(args):
-        if a == "--ckpt_path" and i + 1 < len(args):
-            return args[i + 1]
-        if a.startswith("--ckpt_path="):
-            return a.split("=", 1)[1]
-    return None
 
 
 def run_command(args: Sequence[str]) -> dict[str, str]:
@@ -72,7 +64,7 @@ def run(args: Sequence[str] | None = None) -> SAECLI | dict[str, str]:
     argv = list(sys.argv[1:] if from_argv else args)
     if argv and argv[0] == "run":
         return run_command(argv[1:])
-    ckpt = _ckpt_path(argv)
+    ckpt = ckpt_path_arg(argv)
     if ckpt is not None and ckpt not in ("last", "best", "hpc", "registry"):
         load_checkpoint(ckpt)  # missing, corrupted or unsafe: one clear error before any work starts
     return make_cli(None if from_argv else argv)  # None: LightningCLI reads sys.argv itself

@@ -77,17 +77,9 @@ class TDFormer(nn.Module):
     def num_classes(self) -> int:
         return self.backbone.num_classes
 
-    def sequence(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, C, H, W]`` images repeated over the backbone's T steps; ``[T, B, ...]`` passes through."""
-        if x.dim() == 4:
-            return x.unsqueeze(0).expand(self.T, *x.shape)
-        if x.dim() != 5:
-            raise ValueError(f"expected [B, C, H, W] images or [T, B, C, H, W] frames, got {tuple(x.shape)}")
-        return x
-
     def forward_segments(self, x: torch.Tensor, return_features: bool = False):
         """Per-segment logits ``[O_1, ..., O_N]`` (and the segments' features H_n if asked)."""
-        seq = self.sequence(x)
+        seq = self.backbone.to_sequence(x)  # images repeated over T; frames as they are
         if seq.shape[0] % self.segments:
             raise ValueError(f"T={seq.shape[0]} steps cannot be split into {self.segments} equal segments")
         spikecore.reset(self)  # a new sample: no state from the previous batch

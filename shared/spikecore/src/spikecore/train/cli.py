@@ -71,7 +71,7 @@ def run_cli(
     if args and args[0] in commands:
         fn, help_text, *add_arguments = commands[args[0]]
         return _run_command(module_class, args[0], fn, help_text, args[1:], *add_arguments)
-    ckpt = _ckpt_path(args)
+    ckpt = ckpt_path_arg(args)
     if ckpt is not None and ckpt not in ("last", "best", "hpc", "registry"):
         load_checkpoint(ckpt)  # a missing, corrupted or unsafe file: one clear error before any work starts
     return make_cli(module_class, None if from_argv else args)
@@ -93,7 +93,8 @@ def console_main(
         raise SystemExit(2) from None
 
 
-def _ckpt_path(args: list[str]) -> str | None:
+def ckpt_path_arg(args: list[str]) -> str | None:
+    """The value of ``--ckpt_path`` in a command line, if any."""
     for i, a in enumerate(args):
         if a == "--ckpt_path" and i + 1 < len(args):
             return args[i + 1]
