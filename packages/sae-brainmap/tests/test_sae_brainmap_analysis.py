@@ -86,3 +86,24 @@ def test_ridge_encoding_recovers_a_linear_response():
         ridge = Ridge(alpha=res.alpha[v]).fit((feats[:200] - mean) / std, resp[:200, v])
         ref = r2_score(resp[200:, v], ridge.predict((feats[200:] - mean) / std))
         assert res.r2[v] == pytest.approx(ref, abs=1e-6)
+
+
+def test_roi_selectivity_ranks_latents_by_mean_r_and_finds_their_top_images():
+    from sae_brainmap.analysis import patch_activation_map, roi_selectivity
+
+    #        voxel: 0     1     2     3     4     5
+    layer = np.array([3, 3, 3, 5, -1, 3])
+    latent = np.array([7, 7, 2, 7, -1, 2])
+    r = np.array([0.6, 0.4, 0.9, 0.8, 0.0, 0.5])
+    roi = np.array(["FFA", "FFA", "FFA", "FFA", "FFA", "V1"])
+    acts = {3: torch.zeros(6, 8), 5: torch.zeros(6, 8)}
+    acts[3][:, 2] = torch.tensor([0.1, 0.9, 0.3, 0.9, 0.0, 0.5])  # ties: the smaller image first
+    sel = roi_selectivity(layer, latent, r, roi, ["FFA", "V1", "PPA"], acts, top_latents=2, top_images=3)
+    got = [(e.layer, e.latent, e.n_voxels, round(e.mean_r, 6)) for e in sel["FFA"]]
+    assert got == [(3, 2, 1, 0.9), (5, 7, 1, 0.8)]  # (3, 7) has mean 0.5 over 2 voxels: third
+    assert sel["FFA"][0].top_images == [1, 3, 5]
+    assert [(e.layer, e.latent) for e in sel["V1"]] == [(3, 2)] and sel["PPA"] == []
+    codes = torch.arange(12.0).reshape(6, 2)
+    np.testing.assert_array_equal(patch_activation_map(codes, 1, (2, 3)), [[1, 3, 5], [7, 9, 11]])
+    with pytest.raises(ValueError, match="grid"):
+        patch_activation_map(codes, 1, (2, 2))
