@@ -88,21 +88,32 @@ def test_ridge_encoding_recovers_a_linear_response():
         assert res.r2[v] == pytest.approx(ref, abs=1e-6)
 
 
-def test_roi_selectivity_ranks_latents_by_mean_r_and_finds_their_top_images():
+def test_roi_selectivity_ranks_latents_by_mean_r_over_the_roi_and_finds_their_top_images():
     from sae_brainmap.analysis import patch_activation_map, roi_selectivity
 
-    #        voxel: 0     1     2     3     4     5
-    layer = np.array([3, 3, 3, 5, -1, 3])
-    latent = np.array([7, 7, 2, 7, -1, 2])
-    r = np.array([0.6, 0.4, 0.9, 0.8, 0.0, 0.5])
-    roi = np.array(["FFA", "FFA", "FFA", "FFA", "FFA", "V1"])
-    acts = {3: torch.zeros(6, 8), 5: torch.zeros(6, 8)}
-    acts[3][:, 2] = torch.tensor([0.1, 0.9, 0.3, 0.9, 0.0, 0.5])  # ties: the smaller image first
-    sel = roi_selectivity(layer, latent, r, roi, ["FFA", "V1", "PPA"], acts, top_latents=2, top_images=3)
-    got = [(e.layer, e.latent, e.n_voxels, round(e.mean_r, 6)) for e in sel["FFA"]]
-    assert got == [(3, 2, 1, 0.9), (5, 7, 1, 0.8)]  # (3, 7) has mean 0.5 over 2 voxels: third
-    assert sel["FFA"][0].top_images == [1, 3, 5]
-    assert [(e.layer, e.latent) for e in sel["V1"]] == [(3, 2)] and sel["PPA"] == []
+    g = torch.Generator().manual_seed(0)
+    acts = {2: torch.rand(50, 6, generator=g), 7: torch.rand(50, 4, generator=g)}
+    resp = torch.randn(50, 9, generator=g)
+    resp[:, :5] += 3 * acts[7][:, 1:2]  # the "FFA" voxels follow latent 1 of layer 7
+    resp[:, 5:] += 3 * acts[2][:, 4:5]  # the "V1" voxels follow latent 4 of layer 2
+    roi = np.array(["FFA"] * 5 + ["V1"] * 4)
+    sel = roi_selectivity(acts, resp, roi, ["FFA", "V1", "PPA"], top_latents=3, top_images=4)
+    for name, cols in (("FFA", slice(0, 5)), ("V1", slice(5, 9))):
+        dense = {
+            (lay, u): _dense_r(acts[lay], resp)[u, cols].mean()
+            for lay in (2, 7)
+            for u in range(acts[lay].shape[1])
+        }
+        ref = sorted(dense, key=lambda k: (-dense[k], k))[:3]
+        assert [(e.layer, e.latent) for e in sel[name]] == ref
+        for e in sel[name]:
+            assert e.mean_r == pytest.approx(dense[(e.layer, e.latent)], abs=1e-9)
+            assert e.top_images == np.argsort(-acts[e.layer][:, e.latent].numpy(), kind="stable")[:4].tolist()
+    assert (sel["FFA"][0].layer, sel["FFA"][0].latent) == (7, 1) and (
+        sel["V1"][0].layer,
+        sel["V1"][0].latent,
+    ) == (2, 4)
+    assert sel["PPA"] == []
     codes = torch.arange(12.0).reshape(6, 2)
     np.testing.assert_array_equal(patch_activation_map(codes, 1, (2, 3)), [[1, 3, 5], [7, 9, 11]])
     with pytest.raises(ValueError, match="grid"):

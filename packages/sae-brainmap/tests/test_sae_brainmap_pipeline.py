@@ -80,6 +80,16 @@ def test_pipeline_runs_end_to_end(tiny_run):
     assert syn["recovered_fraction"] > 0.3, syn["recovered_fraction"]
     assert syn["chance_fraction"] == pytest.approx(1 / 288)
     assert syn["median_follows_planted_order"] is True
+    # selectivity: each ROI's top latents in mean-r order, mostly from the ROI's planted layer
+    sel = numbers["selectivity"]
+    assert set(sel) == set(numbers["rois"]) and "ROI-consistent selectivity" in report
+    for entries in sel.values():
+        assert entries and [e["mean_r"] for e in entries] == sorted(
+            (e["mean_r"] for e in entries), reverse=True
+        )
+        assert all(len(e["top_images"]) == 5 and 0 <= min(e["top_images"]) for e in entries)
+    on_planted = [sel[r][0]["layer"] == syn["planted_layer"][r] for r in sel]
+    assert sum(on_planted) >= 0.75 * len(on_planted), on_planted
     with np.load(out / "activations" / "sae_codes.npz") as f:
         assert sorted(f.files) == ["layer_00", "layer_05", "layer_11"] and f["layer_05"].shape == (40, 96)
     with np.load(out / "activations" / "residual_means.npz") as f:

@@ -363,7 +363,15 @@ def _median_order_ok(medians: dict[str, float], planted: dict[str, int]) -> bool
 
 
 def _analysis(c: RunConfig, root: Path, out: Path, log) -> list[str]:
-    from .analysis import best_layer, latents_per_roi, layer_r, ridge_encoding, roi_layer_counts, rsa
+    from .analysis import (
+        best_layer,
+        latents_per_roi,
+        layer_r,
+        ridge_encoding,
+        roi_layer_counts,
+        roi_selectivity,
+        rsa,
+    )
     from .brain import noise_ceiling
     from .dictionary import VoxelDictionary
 
@@ -418,6 +426,14 @@ def _analysis(c: RunConfig, root: Path, out: Path, log) -> list[str]:
     }  # fmt: skip
     numbers["hierarchy"] = hier
     np.savez(out / "per_voxel.npz", max_r=sae.r.numpy(), **per_voxel)
+
+    # ROI-consistent selectivity: each ROI's top latents by mean r over its voxels, with their top images
+    sel = roi_selectivity(codes, resp_t, roi, rois, top_latents=3, top_images=5)
+    numbers["selectivity"] = {
+        r: [{"layer": e.layer, "latent": e.latent, "mean_r": e.mean_r, "top_images": e.top_images}
+            for e in entries]
+        for r, entries in sel.items()
+    }  # fmt: skip
 
     # the encoding baseline: ridge from the final embedding
     with np.load(root / "activations" / "final_embedding.npz", allow_pickle=False) as f:
@@ -560,6 +576,11 @@ def _report(c: RunConfig, root: Path, out: Path, log) -> list[str]:
         L.append("")
     L += ["## Distinct dictionary latents per ROI and layer", "", head, sep]
     L += [f"| {q} | " + " | ".join(str(v) for v in h["latents_per_roi"][q]) + " |" for q in rois]
+    L += ["", "## ROI-consistent selectivity: each ROI's top latents by mean r over its voxels", "",
+          "| ROI | layer:latent | mean r | top images |", "|---|---|---|---|"]  # fmt: skip
+    L += [f"| {q} | {e['layer']}:{e['latent']} | {_fmt(e['mean_r'])} | "
+          + ", ".join(str(i) for i in e["top_images"]) + " |"
+          for q in rois for e in numbers.get("selectivity", {}).get(q, [])]  # fmt: skip
     e = numbers["encoding"]
     L += ["", "## Encoding baseline (ridge from the last layer's CLS)", "",
           f"{e['n_train']} training / {e['n_test']} held-out images: median R^2 {_fmt(e['median_r2'])}, "

@@ -1,8 +1,10 @@
-"""ROI-consistent selectivity: for each ROI, the latents its voxels map to, and what drives them.
+"""ROI-consistent selectivity: for each ROI, the latents that track its voxels best, and what drives them.
 
-A latent's standing in an ROI is the mean r over the ROI's voxels whose dictionary entry it is (ties:
-more voxels, then the smaller (layer, latent)). For each top latent, the images that activate it most, and
-its activation over the patch grid of an image (a heat map to lay over the picture).
+A latent's score for an ROI is its mean Pearson r over all of the ROI's voxels. That mean is the dot
+product of the latent's normalised column with the mean of the voxels' normalised columns, so every
+latent of every layer is scored with one matrix-vector product per layer and ROI. For each top latent:
+the images that activate it most, and its activation over an image's patch grid (a heat map to lay over
+the picture).
 """
 
 from dataclasses import dataclass, field
@@ -15,47 +17,49 @@ import torch
 class RoiLatent:
     layer: int
     latent: int
-    n_voxels: int  # voxels of the ROI whose dictionary entry is this latent
-    mean_r: float  # their mean r
+    mean_r: float  # mean Pearson r over the ROI's voxels
     top_images: list[int] = field(default_factory=list)  # rows of the activations, most active first
 
 
+def _normalised(x: torch.Tensor) -> torch.Tensor:
+    x = x.double() - x.double().mean(0)
+    norm = x.norm(dim=0)
+    return torch.where(norm > 0, x / norm.clamp_min(1e-300), torch.zeros_like(x))
+
+
 def roi_selectivity(
-    layer: np.ndarray,
-    latent: np.ndarray,
-    r: np.ndarray,
+    layer_acts: dict[int, torch.Tensor],
+    responses: torch.Tensor,
     roi_of_voxel: np.ndarray,
     rois: list[str],
-    layer_acts: dict[int, torch.Tensor] | None = None,
     top_latents: int = 5,
     top_images: int = 8,
 ) -> dict[str, list[RoiLatent]]:
-    """Per ROI, its ``top_latents`` dictionary latents by mean r, each with its ``top_images`` (when
-    ``layer_acts`` ``{layer: [N, U]}`` is given). Voxels without a dictionary entry (layer -1) are left
-    out."""
-    layer, latent, r, roi_of_voxel = (np.asarray(a) for a in (layer, latent, r, roi_of_voxel))
-    if not (len(layer) == len(latent) == len(r) == len(roi_of_voxel)):
-        raise ValueError("layer, latent, r and roi_of_voxel must have one entry per voxel")
+    """Per ROI, the ``top_latents`` (layer, latent) pairs with the highest mean r over its voxels (ties:
+    the smaller layer, then latent), each with its ``top_images``. ``layer_acts``: ``{layer: [N, U]}``;
+    ``responses``: ``[N, V]``; constant columns count as r = 0."""
+    roi_of_voxel = np.asarray(roi_of_voxel)
+    if len(roi_of_voxel) != responses.shape[1]:
+        raise ValueError(f"{len(roi_of_voxel)} ROI labels for {responses.shape[1]} voxels")
+    layers = sorted(layer_acts)
+    normed = {lay: _normalised(layer_acts[lay]) for lay in layers}
+    b = _normalised(responses)
     out: dict[str, list[RoiLatent]] = {}
     for roi in rois:
-        keep = (roi_of_voxel == roi) & (layer >= 0)
-        pairs, inverse, counts = np.unique(
-            np.stack([layer[keep], latent[keep]], 1), axis=0, return_inverse=True, return_counts=True
-        )
-        if not len(pairs):
+        cols = np.flatnonzero(roi_of_voxel == roi)
+        if not len(cols):
             out[roi] = []
             continue
-        mean_r = np.bincount(inverse.ravel(), weights=r[keep], minlength=len(pairs)) / counts
-        # sort by mean r (desc), then voxel count (desc), then (layer, latent) (asc, already unique's order)
-        order = np.lexsort((np.arange(len(pairs)), -counts, -mean_r))[:top_latents]
+        target = b[:, torch.from_numpy(cols)].mean(1)  # [N]
+        scores = torch.cat([normed[lay].T @ target for lay in layers]).numpy()
+        owner = np.concatenate([[(lay, u) for u in range(normed[lay].shape[1])] for lay in layers])
+        order = np.argsort(-scores, kind="stable")[:top_latents]  # stable: ties keep (layer, latent) order
         entries = []
         for i in order:
-            lay, lat = int(pairs[i, 0]), int(pairs[i, 1])
-            images: list[int] = []
-            if layer_acts is not None:
-                acts = layer_acts[lay][:, lat].double().numpy()
-                images = np.argsort(-acts, kind="stable")[:top_images].tolist()
-            entries.append(RoiLatent(lay, lat, int(counts[i]), float(mean_r[i]), images))
+            lay, lat = int(owner[i][0]), int(owner[i][1])
+            acts = layer_acts[lay][:, lat].double().numpy()
+            images = np.argsort(-acts, kind="stable")[:top_images].tolist()
+            entries.append(RoiLatent(lay, lat, float(scores[i]), images))
         out[roi] = entries
     return out
 
