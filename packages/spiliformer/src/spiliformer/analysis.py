@@ -23,7 +23,6 @@ and the same network with lateral inhibition off (FF-LiDiff -> QKTA, FB-LiDiff -
 import json
 import math
 from argparse import ArgumentParser, Namespace
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +32,7 @@ from torch import nn
 
 import spikecore
 from spikecore.attention import SpikingSelfAttention
+from spikecore.train.probes import FiringRates, plot_firing_rates
 
 from .attention import KVDifferenceAttention
 from .model import SpiLiFormer, lateral_inhibition_off
@@ -102,27 +102,16 @@ class AttentionProbe:
     def __init__(self, backbone: nn.Module, model: nn.Module):
         self.attns = [block.attn for block in backbone.blocks]
         self.captured: list[dict[str, torch.Tensor]] = [{} for _ in self.attns]
-        self.spikes: dict[str, float] = defaultdict(float)
-        self.neurons: dict[str, int] = defaultdict(int)
+        self.rates = FiringRates(model)
         self.handles = []
         for i, attn in enumerate(self.attns):
             for part in ("q", "k", "attn"):
                 lif = getattr(attn, f"{part}_lif")
                 self.handles.append(lif.register_forward_hook(self._keep(i, part)))
-        for name, m in model.named_modules():
-            if isinstance(m, spikecore.LIF):
-                self.handles.append(m.register_forward_hook(self._count(name)))
 
     def _keep(self, i: int, part: str):
         def hook(module, inputs, output):
             self.captured[i][part] = output.detach()
-
-        return hook
-
-    def _count(self, name: str):
-        def hook(module, inputs, output):
-            self.spikes[name] += float(output.detach().float().sum())
-            self.neurons[name] += output.numel()
 
         return hook
 
@@ -132,9 +121,10 @@ class AttentionProbe:
         ]
 
     def firing_rates(self) -> dict[str, float]:
-        return {k: self.spikes[k] / self.neurons[k] for k in self.spikes if self.neurons[k]}
+        return self.rates.rates()
 
     def remove(self) -> None:
+        self.rates.remove()
         for h in self.handles:
             h.remove()
 
@@ -323,18 +313,9 @@ def plot(results: dict, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "attention_allocation.png", dpi=120)
     plt.close(fig)
-    fig, ax = plt.subplots(figsize=(10, 3.6))
-    for j, (mode, r) in enumerate(modes.items()):
-        names = list(r["firing_rates"])
-        ax.bar(
-            [i + j * width for i in range(len(names))], list(r["firing_rates"].values()), width, label=mode
-        )
-    ax.set(title="firing rate per spiking layer", ylabel="spikes / neuron / step")
-    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=5)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "firing_rates.png", dpi=120)
-    plt.close(fig)
+    plot_firing_rates(
+        {m: r["firing_rates"] for m, r in modes.items()}, out / "firing_rates.png", label_size=5
+    )
 
 
 def plot_maps(x: torch.Tensor, mask: torch.Tensor, maps: dict, out: Path) -> None:

@@ -17,13 +17,13 @@ it switched off at inference (no S_td term; everything else equal). Outputs ``an
 import json
 import math
 from argparse import Namespace
-from collections import defaultdict
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import spikecore
+from spikecore.train.probes import FiringRates, plot_firing_rates
 
 
 def binary_mi_bits(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -50,33 +50,6 @@ def discrete_mi_bits(a: torch.Tensor, b: torch.Tensor, levels: int) -> float:
 
     mi = (entropy(pa) + entropy(pb) - entropy(p)).clamp_min(0) / math.log(2)
     return float(mi.mean())
-
-
-class FiringRates:
-    """Forward hooks on every spikecore LIF: mean output per layer over everything seen."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.sums: dict[str, float] = defaultdict(float)
-        self.counts: dict[str, int] = defaultdict(int)
-        self.handles = [
-            m.register_forward_hook(self._hook(name))
-            for name, m in model.named_modules()
-            if isinstance(m, spikecore.LIF)
-        ]
-
-    def _hook(self, name: str):
-        def hook(module, inputs, output):
-            self.sums[name] += float(output.detach().float().sum())
-            self.counts[name] += output.numel()
-
-        return hook
-
-    def rates(self) -> dict[str, float]:
-        return {k: self.sums[k] / self.counts[k] for k in self.sums if self.counts[k]}
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
 
 
 def _first_block_inputs(backbone: torch.nn.Module, store: list):
@@ -221,16 +194,4 @@ def plot(results: dict, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "mechanisms.png", dpi=120)
     plt.close(fig)
-    fig, ax = plt.subplots(figsize=(10, 3.6))
-    width = 0.8 / max(len(modes), 1)
-    for j, (mode, r) in enumerate(modes.items()):
-        names = list(r["firing_rates"])
-        ax.bar(
-            [i + j * width for i in range(len(names))], list(r["firing_rates"].values()), width, label=mode
-        )
-    ax.set(title="firing rate per spiking layer", ylabel="spikes / neuron / step")
-    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "firing_rates.png", dpi=120)
-    plt.close(fig)
+    plot_firing_rates({m: r["firing_rates"] for m, r in modes.items()}, out / "firing_rates.png")
