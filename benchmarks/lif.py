@@ -16,11 +16,15 @@ Columns: ``pass`` fwd (under no_grad) or fwd+bwd; ``*_ms`` median times; ``x_sj`
 (their time / ours); ``floor_ms``: bytes the op must move over the measured copy bandwidth (forward reads x
 and writes s; backward reads grad s, re-reads x and writes grad x); ``ours/floor``; ``saved_B_*``: bytes kept
 for backward per neuron-step, measured with saved_tensors_hooks; ``peak_MiB_*`` (CUDA): peak memory of one
-forward+backward above the inputs.
+forward+backward above the inputs; ``faults_*`` (CPU): minor page faults per forward+backward. glibc's malloc
+maps every allocation of 32 MiB or more afresh (its mmap threshold stops growing there), so from T = 8 at
+2^20 fp32 neurons each new output is faulted in page by page, for every contender alike; see the README's
+note on allocators.
 """
 
 import argparse
 import functools
+import resource
 import time
 
 import torch
@@ -42,7 +46,8 @@ LEGEND = (
     "fp16/bf16), eager = PyTorch loop; "
     "x_sj / x_eager = their ms / our ms; floor = bytes moved (fwd: x, s; bwd: grad s, x, grad x) / copy "
     "bandwidth; saved_B = bytes saved for backward per neuron-step (saved_tensors_hooks); peak = CUDA peak "
-    "MiB of one fwd+bwd."
+    "MiB of one fwd+bwd; faults = minor page faults per fwd+bwd (CPU; allocations of 32 MiB and more are "
+    "mapped afresh by glibc on every call)."
 )
 
 
@@ -89,6 +94,15 @@ def first_call(fn, device: str) -> float:
     return time.perf_counter() - start
 
 
+def page_faults_per_call(fn, calls: int = 5) -> float:
+    """Minor page faults of this process per call of ``fn()`` (after one warm-up call)."""
+    fn()
+    start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(calls):
+        fn()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start) / calls
+
+
 def bench_config(fns: dict, T: int, N: int, dtype: torch.dtype, device: str, bw_gbs: float) -> list[dict]:
     x = (torch.randn(T, N, device=device) * 1.5 + 1.0).to(dtype)  # fresh input, a real firing rate
     g = torch.randn(T, N, device=device).to(dtype)
@@ -112,6 +126,8 @@ def bench_config(fns: dict, T: int, N: int, dtype: torch.dtype, device: str, bw_
         if rows["fwd+bwd"][f"{name}_ms"] is None:
             continue
         rows["fwd+bwd"][f"saved_B_{name}"] = saved_bytes(lambda fn=fn: fn(xg)) / (T * N)
+        if device == "cpu" and name != "eager":
+            rows["fwd+bwd"][f"faults_{name}"] = page_faults_per_call(lambda fn=fn: fwd_bwd(fn))
         if device == "cuda" and name != "eager":
             xg.grad = None  # so that the baseline holds only the inputs
             rows["fwd+bwd"][f"peak_MiB_{name}"] = cuda_peak_bytes(lambda fn=fn: fwd_bwd(fn)) / 2**20

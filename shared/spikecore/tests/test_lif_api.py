@@ -106,6 +106,30 @@ def test_custom_ops_pass_opcheck(backend):
         )
 
 
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_eager_path_equals_the_registered_op(backend):
+    """Eager calls skip the custom op's dispatch (ops._EagerLIF); the registered op (what torch.compile
+    traces) must give the same outputs and gradients, for given state, PLIF tau and a v_final gradient."""
+    from spikecore.neuron import ops
+
+    dev = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(3)
+    leaves = [
+        (torch.randn(6, 19, generator=g) + 0.7).to(dev),
+        torch.rand(19, generator=g).to(dev),
+        (torch.rand(19, generator=g) + 1.5).to(dev),
+    ]
+    gs, gv = torch.randn(6, 19, generator=g).to(dev), torch.randn(19, generator=g).to(dev)
+    results = []
+    for call in (ops._EagerLIF.apply, ops._lif_fwd):
+        x, v0, tau = (t.clone().requires_grad_() for t in leaves)
+        s, v, _, _ = call(x, v0, tau, 2.0, 1.0, 0.0, False, True, False, 0, 4.0, False, backend)
+        torch.autograd.backward([s, v], [gs, gv])
+        results.append((s, v, x.grad, v0.grad, tau.grad))
+    for eager, registered in zip(*results, strict=True):
+        torch.testing.assert_close(eager, registered, rtol=0, atol=0)
+
+
 def test_torch_compile_traces_the_op():
     def f(x, v0):
         s, v = spikecore.lif_multi_step(x, v0, detach_reset=True, backend="cpu")

@@ -1,4 +1,5 @@
-"""The fused CPU backend (numba kernels, ``backend="cpu"``) against the reference loop and spikingjelly.
+"""The fused CPU backend (``backend="cpu"``: C++ kernels, numba where they cannot be built) against the
+reference loop, float64 and spikingjelly.
 
 The cross-backend grid (every reset/detach/decay/surrogate combination) lives in test_lif_backends.py; this
 file covers what is specific to the CPU kernels: the in-kernel fp16/bf16 bit conversions, block edges (odd
@@ -157,6 +158,23 @@ def test_matches_spikingjelly_lifnode(T):
     s.backward(gs)
     assert torch.equal(s, s_sj)
     torch.testing.assert_close(xo.grad, xs.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("N", [37, 8001])  # a vector tail, and a 16-lane AVX-512 tail
+def test_sigmoid_surrogate_is_accurate_over_its_whole_range(N):
+    """grad x = sigma'(H - V_th) / tau for one step; H - V_th on an exact grid from -16 to 16 (a z up to 64).
+    Against float64 of the symmetric form a e / (1 + e)^2, e = exp(-|a z|), to a few ulp: the tails too,
+    where a s (1 - s) in float32 rounds to 0 once s rounds to 1."""
+    z = torch.linspace(-16, 16, N, dtype=torch.float64)
+    z = torch.round(z * 256) / 256  # exact in float32, and so are H = 1 + z and x = 2 H
+    x = (2 * (1 + z)).float().unsqueeze(0).requires_grad_()
+    s, _ = lif_multi_step(x, tau=2.0, detach_reset=True, surrogate="sigmoid", alpha=4.0, backend="cpu")
+    s.backward(torch.ones_like(s))
+    e = torch.exp(-torch.abs(4.0 * z))
+    expected = 4.0 * e / (1 + e) ** 2 / 2.0
+    got = x.grad[0].double()
+    assert (got > 0).all()
+    torch.testing.assert_close(got, expected, rtol=5e-7, atol=0)
 
 
 def test_threads_and_empty():
