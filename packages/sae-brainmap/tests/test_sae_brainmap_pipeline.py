@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from PIL import Image
 
 from sae_brainmap.cli import main
 from sae_brainmap.pipeline import STAGES, run_pipeline
@@ -99,6 +100,38 @@ def test_pipeline_runs_end_to_end(tiny_run):
     assert (out / "analysis" / "roi_layer_counts_max.csv").is_file()
 
 
+def _png_size(path: Path) -> tuple[int, int]:
+    with Image.open(path) as png:
+        assert png.format == "PNG"
+        return png.size
+
+
+def test_selectivity_figures_draw_each_rois_top_latents_on_the_images_the_run_used(tiny_run):
+    _root, out, _cfg, _status, _logs = tiny_run
+    numbers = json.loads((out / "analysis" / "numbers.json").read_text())
+    figures = json.loads((out / "maps" / "maps.json").read_text())["selectivity"]
+    report = (out / "report.md").read_text()
+    section = report.split("## ROI-consistent selectivity")[1].split("## Encoding")[0]
+    with np.load(out / "activations" / "sae_codes.npz") as f:
+        codes = {k: f[k] for k in f.files}
+    with np.load(out / "maps" / "selectivity_maps.npz") as f:
+        drawn = {k: f[k] for k in f.files}
+    stored_total = 0.0
+    for roi, entries in numbers["selectivity"].items():
+        assert figures[roi] == f"selectivity_{roi}.png" and f"(maps/{figures[roi]})" in section
+        assert min(_png_size(out / "maps" / figures[roi])) > 500
+        patch_maps = drawn[f"maps_{roi}"]
+        assert patch_maps.shape == (3, 5, 2, 2)  # 3 latents x 5 images x the 2 x 2 patch grid at 32 px
+        np.testing.assert_array_equal(drawn[f"images_{roi}"], [e["top_images"] for e in entries])
+        for latent_maps, e in zip(patch_maps, entries, strict=True):
+            # recomputed for just these images, a map's mean is the per-image code the activations stage
+            # stored for the whole dataset: same images, same backbone, same SAE
+            stored = codes[f"layer_{e['layer']:02d}"][e["top_images"], e["latent"]]
+            np.testing.assert_allclose(latent_maps.mean((1, 2)), stored, rtol=1e-4, atol=1e-6)
+            stored_total += float(stored.sum())
+    assert stored_total > 0
+
+
 def test_rerun_skips_every_stage_and_changes_nothing(tiny_run):
     _root, out, cfg, _status, _logs = tiny_run
     before = _files(out)
@@ -148,3 +181,22 @@ def test_shipped_configs_are_valid():
     nsd = load_run_config(CONFIGS / "nsd_subj01.yaml")
     assert nsd.brain.kind == "nsd" and nsd.images.source == "nsd" and nsd.brain.nsd.subject == 1
     assert nsd.sae.checkpoints is not None and nsd.maps.enabled is False
+
+
+def test_selectivity_settings_redraw_the_figures_and_an_unchanged_rerun_skips_them(tiny_run):
+    root, out, _cfg, _status, _logs = tiny_run
+    before = _png_size(out / "maps" / "selectivity_V1.png")
+    fewer = {**TINY, "analysis": {**TINY["analysis"], "selectivity_latents": 2, "selectivity_images": 3}}
+    cfg = _write(root / "fewer.yaml", {"out": str(out), **fewer})
+    status = run_pipeline(load_run_config(cfg), log=lambda _: None)
+    assert [status[s] for s in ("activations", "brain", "analysis", "maps", "report")] == [
+        "skipped", "skipped", "ran", "ran", "ran"
+    ]  # fmt: skip
+    with np.load(out / "maps" / "selectivity_maps.npz") as f:
+        assert f["maps_V1"].shape == (2, 3, 2, 2) and f["images_FFA"].shape == (2, 3)
+    after = _png_size(out / "maps" / "selectivity_V1.png")
+    assert after[0] < before[0] and after[1] < before[1]  # 3 columns and 2 rows instead of 5 and 3
+    mtime = (out / "maps" / "selectivity_V1.png").stat().st_mtime_ns
+    status = run_pipeline(load_run_config(cfg), log=lambda _: None)
+    assert status == dict.fromkeys(STAGES, "skipped")
+    assert (out / "maps" / "selectivity_V1.png").stat().st_mtime_ns == mtime

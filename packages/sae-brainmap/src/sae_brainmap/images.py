@@ -1,4 +1,5 @@
-"""Image sources (a folder, NSD's ``nsd_stimuli.hdf5``, the embedded photographs) and the ViT transform.
+"""Image sources (a folder, a list of files, NSD's ``nsd_stimuli.hdf5``, the embedded photographs) and the ViT
+transform.
 
 A source returns uint8 ``[H, W, 3]`` arrays; :class:`ImageDataset` turns them into normalised tensors.
 """
@@ -45,16 +46,14 @@ def to_rgb_uint8(img: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(img[:, :, :3])
 
 
-class FolderImages:
-    """Every image file under ``root`` (recursively, sorted by path)."""
+class ImageFiles:
+    """Image files read in exactly the order given: for datasets whose responses are rows in a known image
+    order (Algonauts 2023's training images), where a folder's own sort order must not decide it."""
 
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root).expanduser()
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"image folder {self.root} does not exist")
-        self.paths = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    def __init__(self, paths) -> None:
+        self.paths = [Path(p).expanduser() for p in paths]
         if not self.paths:
-            raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {self.root}")
+            raise FileNotFoundError("no image files given")
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -64,6 +63,19 @@ class FolderImages:
 
         with Image.open(self.paths[i]) as im:
             return to_rgb_uint8(np.asarray(im.convert("RGB")))
+
+
+class FolderImages(ImageFiles):
+    """Every image file under ``root`` (recursively, sorted by path)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder {self.root} does not exist")
+        paths = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not paths:
+            raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {self.root}")
+        super().__init__(paths)
 
 
 class NSDImages:

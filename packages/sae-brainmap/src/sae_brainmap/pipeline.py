@@ -3,10 +3,14 @@
 1. ``activations``: stimuli through the ViT (residual streams of the chosen blocks); per layer an SAE
    (loaded, or a small one trained here); per layer the mean over patch tokens of the SAE codes
    ``[N, U]`` and of the raw residual ``[N, 768]``, and the last block's CLS token (the encoding baseline).
-2. ``brain``: the synthetic subject on pycortex's S1, planted from those SAE codes, or NSD betas.
+2. ``brain``: the synthetic subject on pycortex's S1, planted from those SAE codes, NSD betas, or an
+   Algonauts 2023 subject (surface data: challenge-space vertices of fsaverage, no noise ceiling).
 3. ``dictionary``: the voxel dictionary over SAE latents and a raw-neuron one over residual dimensions.
 4. ``analysis``: RSA, the layer hierarchy, the ridge encoding baseline, the synthetic recovery.
-5. ``maps``: flatmaps of best layer, max r and two images' dictionary activations.
+5. ``maps``: best layer, max r and two images' dictionary activations as pycortex flatmaps (volume data) or
+   on the inflated fsaverage surface (Algonauts 2023), with ROI outlines there; per ROI a figure of
+   its top latents' top images with their patch-activation maps (the backbone and SAEs rerun on just
+   those images: the activations stage keeps only per-image means).
 6. ``report``: ``report.md`` with the numbers and the figures.
 
 Each stage writes into ``<out>/<stage>/`` and ends with ``manifest.json``: a hash of its inputs (its config
@@ -28,16 +32,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .run_config import RunConfig
+from .run_config import RunConfig, algonauts_rois, check_inputs
 
-VERSION = 1  # bump when a stage's outputs change meaning
+VERSION = 2  # bump when a stage's outputs change meaning (2: seeded random backbone, selectivity figures)
 STAGES = ("activations", "brain", "dictionary", "analysis", "maps", "report")
+SELECTIVITY_MAPS = "selectivity_maps.npz"  # maps/: the patch maps the selectivity figures draw
+FSAVERAGE_MAPS = "fsaverage_maps.npz"  # maps/: the fsaverage vectors the surface maps draw (Algonauts)
+TRAINING_IMAGES = "training_split/training_images"  # an Algonauts subject's stimuli
+DISPLAY_PX = 224  # images in the selectivity figures are shown at least this large
 UPSTREAM = {
     "activations": (),
     "brain": ("activations",),
     "dictionary": ("activations", "brain"),
     "analysis": ("activations", "brain", "dictionary"),
-    "maps": ("brain", "dictionary", "analysis"),
+    "maps": ("activations", "brain", "dictionary", "analysis"),
     "report": ("activations", "brain", "analysis", "maps"),
 }
 
@@ -65,6 +73,9 @@ def _section(c: RunConfig, stage: str) -> dict:
         if c.images.source == "nsd":
             extra = {"design": _stamp(c.brain.nsd.expdesign), "betas": [_stamp(b) for b in c.brain.nsd.betas],
                      "subject": c.brain.nsd.subject}  # fmt: skip
+        if c.images.source == "algonauts":
+            extra = {"algonauts_images": _stamp(str(_algonauts_dir(c) / TRAINING_IMAGES)),
+                     "max_images": c.brain.algonauts.max_images}  # fmt: skip
         return {
             "images": dataclasses.asdict(c.images),
             "images_file": _stamp(c.images.path),
@@ -78,12 +89,34 @@ def _section(c: RunConfig, stage: str) -> dict:
         if c.brain.kind == "synthetic":
             return {"kind": "synthetic", "synthetic": dataclasses.asdict(c.brain.synthetic),
                     "subject": c.maps.subject}  # fmt: skip
+        if c.brain.kind == "algonauts":
+            return _algonauts_brain_section(c)
         n = c.brain.nsd
         files = [*n.betas, n.expdesign, n.ncsnr, *n.roi_files.values(), *(n.label_tables or {}).values()]
         return {"kind": "nsd", "nsd": dataclasses.asdict(n), "files": [_stamp(f) for f in files]}
+    if stage == "maps" and c.brain.kind == "algonauts":  # the fsaverage masks are read by this stage
+        from .brain.algonauts import HEMIS, fsaverage_mask_path
+
+        masks = [_stamp(str(fsaverage_mask_path(_algonauts_dir(c), h))) for h in HEMIS]
+        return {**dataclasses.asdict(c.maps), "fsaverage_masks": masks}
     if stage in ("dictionary", "analysis", "maps"):
         return dataclasses.asdict(getattr(c, stage))
     return {}
+
+
+def _algonauts_dir(c: RunConfig) -> Path:
+    return Path(c.brain.algonauts.subject_dir).expanduser()
+
+
+def _algonauts_brain_section(c: RunConfig) -> dict:
+    """The Algonauts settings and the stamps of the files the brain stage reads."""
+    from .brain.algonauts import HEMIS, fmri_path, roi_classes_of, roi_mask_path
+
+    a, root = c.brain.algonauts, _algonauts_dir(c)
+    classes = roi_classes_of(algonauts_rois(a))
+    files = [fmri_path(root, h) for h in HEMIS] + [roi_mask_path(root, h, k) for k in classes for h in HEMIS]
+    return {"kind": "algonauts", "algonauts": dataclasses.asdict(a), "files": [_stamp(str(f)) for f in files],
+            "images": _stamp(str(root / TRAINING_IMAGES))}  # fmt: skip
 
 
 class Stage:
@@ -112,6 +145,7 @@ def run_pipeline(config: RunConfig, log: Callable[[str], None] | None = None) ->
     """Run every stage (skipping those already done); returns ``{stage: "ran" | "skipped"}``. ``log``
     gets the progress lines (default: printed)."""
     log = log or functools.partial(print, flush=True)
+    check_inputs(config)
     root = Path(config.out)
     root.mkdir(parents=True, exist_ok=True)
     (root / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1))
@@ -174,16 +208,46 @@ def _nsd_image_ids(c: RunConfig) -> np.ndarray:
     return np.unique(design.trial_images(c.brain.nsd.subject, n_trials))
 
 
+def _algonauts_images(c: RunConfig) -> list[Path]:
+    """The Algonauts training images in response-row order, the first ``max_images`` of them.
+
+    Why image k is response row k: ``training_images`` orders the files by the row number in their names
+    (train-0001 is row 0, as the devkit defines it), not by the folder listing, and ``check_row_numbers``
+    refuses anything but 1..N (a gap would shift every later image). The brain stage reads its responses
+    through ``load_algonauts``, which lists the images with the same function, and checks the two lists
+    are equal before it keeps the first ``max_images`` rows."""
+    from .brain.algonauts import check_row_numbers, training_images
+
+    paths = training_images(_algonauts_dir(c))
+    check_row_numbers(paths)
+    return paths[: c.brain.algonauts.max_images]
+
+
 def _image_source(c: RunConfig):
-    from .images import EmbeddedImages, FolderImages, NSDImages
+    from .images import EmbeddedImages, FolderImages, ImageFiles, NSDImages
 
     if c.images.source == "embedded":
         return EmbeddedImages(c.images.n_images, c.images.seed)
+    if c.images.source == "algonauts":
+        return ImageFiles(_algonauts_images(c))
     if c.images.path is None:
         raise ValueError(f"images.source {c.images.source} needs images.path")
     if c.images.source == "folder":
         return FolderImages(Path(c.images.path).expanduser())
     return NSDImages(Path(c.images.path).expanduser(), indices=_nsd_image_ids(c).tolist())
+
+
+def _backbone(c: RunConfig):
+    """The run's ViT and the warnings its construction gave. Random weights (no checkpoint) are drawn
+    from ``backbone.seed``, so that the maps stage rebuilds the very network the activations came from."""
+    from .backbone import ViTBackbone
+
+    kwargs = {"img_size": c.backbone.img_size} if c.backbone.img_size else {}
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.manual_seed(c.backbone.seed)
+        bb = ViTBackbone(c.backbone.name, checkpoint=c.backbone.checkpoint, model_kwargs=kwargs)
+    return bb, [str(w.message) for w in caught]
 
 
 def _sae_paths(c: RunConfig, layers: list[int]) -> dict[int, Path] | None:
@@ -203,18 +267,13 @@ def _sae_paths(c: RunConfig, layers: list[int]) -> dict[int, Path] | None:
 
 
 def _activations(c: RunConfig, root: Path, out: Path, log) -> list[str]:
-    from .backbone import ViTBackbone
     from .checkpoint import load_sae, save_sae
     from .images import to_model_input
     from .module import train_sae
 
-    kwargs = {"img_size": c.backbone.img_size} if c.backbone.img_size else {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
-        with warnings.catch_warnings(record=True) as caught:
-            bb = ViTBackbone(c.backbone.name, checkpoint=c.backbone.checkpoint, model_kwargs=kwargs)
-    for w in caught:
-        log(f"  warning: {w.message}")
+    bb, messages = _backbone(c)
+    for message in messages:
+        log(f"  warning: {message}")
     layers = list(range(bb.depth)) if c.backbone.layers is None else sorted(set(c.backbone.layers))
     last = bb.depth - 1
     source = _image_source(c)
@@ -281,57 +340,107 @@ def _activations(c: RunConfig, root: Path, out: Path, log) -> list[str]:
 
 
 def _brain(c: RunConfig, root: Path, out: Path, log) -> list[str]:
-    from .brain import load_nsd_betas, noise_ceiling, roi_masks
-    from .brain.nsd import load_volume
-
-    if c.brain.kind == "synthetic":
-        from .brain.s1 import s1_anatomy
-        from .brain.synthetic import load_synthetic_subject, make_synthetic_subject
-
-        s = c.brain.synthetic
-        anatomy = s1_anatomy(rois=tuple(s.rois), cache=out / "s1_anatomy.npz")
-        codes = _load_layers(root / "activations" / "sae_codes.npz")
-        log(f"  planting a synthetic subject on S1 ({sum(len(v) for v in anatomy.rois.values())} voxels)")
-        make_synthetic_subject(codes, out / "subject", anatomy, n_repeats=s.n_repeats, pool=s.pool,
-                               ncsnr_range=tuple(s.ncsnr_range), seed=s.seed)  # fmt: skip
-        subj = load_synthetic_subject(out / "subject")
-        n = codes[next(iter(codes))].shape[0]
-        if not np.array_equal(subj.images, np.arange(n)):
-            raise RuntimeError("the synthetic subject's images do not match the stimuli")
-        np.savez(out / "responses.npz", responses=subj.responses, roi=subj.roi.astype(str),
-                 voxels=subj.voxels, voxels_full=subj.voxels + subj.offset,
-                 volume_shape=np.asarray(anatomy.shape),
-                 ncsnr=subj.ncsnr, n_repeats=np.full(n, s.n_repeats), planted_layer=subj.layer,
-                 planted_latent=subj.latent, roi_names=np.asarray(list(anatomy.rois)),
-                 n_latents_total=np.asarray(sum(v.shape[1] for v in codes.values())))  # fmt: skip
-    else:
-        n_cfg = c.brain.nsd
-        files = {k: Path(v).expanduser() for k, v in n_cfg.roi_files.items()}
-        tables = {k: Path(v).expanduser() for k, v in (n_cfg.label_tables or {}).items()} or None
-        masks = roi_masks(files, n_cfg.rois, tables)
-        mask = np.any(np.stack([masks[r] for r in n_cfg.rois]), axis=0)
-        roi_vol = np.full(mask.shape, "", dtype=object)
-        for r in reversed(n_cfg.rois):  # a voxel in several ROIs goes to the first listed
-            roi_vol[masks[r]] = r
-        log(f"  reading {len(n_cfg.betas)} NSD sessions, {int(mask.sum())} voxels in {len(n_cfg.rois)} ROIs")
-        data = load_nsd_betas([Path(b).expanduser() for b in n_cfg.betas], Path(n_cfg.expdesign).expanduser(),
-                              n_cfg.subject, mask, zscore_by=n_cfg.zscore_by)  # fmt: skip
-        expected = _nsd_image_ids(c)
-        if not np.array_equal(data.images, expected):
-            raise RuntimeError("NSD responses and stimuli do not list the same images")
-        ncsnr = (load_volume(Path(n_cfg.ncsnr).expanduser(), "ncsnr")[0][mask] if n_cfg.ncsnr
-                 else np.full(int(mask.sum()), np.nan))  # fmt: skip
-        np.savez(out / "responses.npz", responses=data.responses,
-                 roi=np.asarray([roi_vol[tuple(v)] for v in data.voxels], dtype=str), voxels=data.voxels,
-                 voxels_full=data.voxels, volume_shape=np.asarray(mask.shape), ncsnr=ncsnr,
-                 n_repeats=data.n_repeats, nsd_images=data.images,
-                 roi_names=np.asarray(n_cfg.rois))  # fmt: skip
+    readers = {"synthetic": _synthetic_brain, "nsd": _nsd_brain, "algonauts": _algonauts_brain}
+    readers[c.brain.kind](c, root, out, log)
     with np.load(out / "responses.npz", allow_pickle=False) as f:
-        nc = noise_ceiling(f["ncsnr"], float(np.mean(f["n_repeats"])))
-        log(f"  responses {f['responses'].shape}, median noise ceiling {np.nanmedian(nc):.1f}%")
+        log(f"  responses {f['responses'].shape}, {_ceiling_summary(f['ncsnr'], f['n_repeats'])}")
     return [
         p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and p.name != "manifest.json"
     ]
+
+
+def _ceiling_summary(ncsnr: np.ndarray, n_repeats: np.ndarray) -> str:
+    from .brain import noise_ceiling
+
+    if np.isnan(ncsnr).all():
+        return "no noise ceiling"
+    return f"median noise ceiling {np.nanmedian(noise_ceiling(ncsnr, float(np.mean(n_repeats)))):.1f}%"
+
+
+def _synthetic_brain(c: RunConfig, root: Path, out: Path, log) -> None:
+    from .brain.s1 import s1_anatomy
+    from .brain.synthetic import load_synthetic_subject, make_synthetic_subject
+
+    s = c.brain.synthetic
+    anatomy = s1_anatomy(rois=tuple(s.rois), cache=out / "s1_anatomy.npz")
+    codes = _load_layers(root / "activations" / "sae_codes.npz")
+    log(f"  planting a synthetic subject on S1 ({sum(len(v) for v in anatomy.rois.values())} voxels)")
+    make_synthetic_subject(codes, out / "subject", anatomy, n_repeats=s.n_repeats, pool=s.pool,
+                           ncsnr_range=tuple(s.ncsnr_range), seed=s.seed)  # fmt: skip
+    subj = load_synthetic_subject(out / "subject")
+    n = codes[next(iter(codes))].shape[0]
+    if not np.array_equal(subj.images, np.arange(n)):
+        raise RuntimeError("the synthetic subject's images do not match the stimuli")
+    np.savez(out / "responses.npz", responses=subj.responses, roi=subj.roi.astype(str),
+             voxels=subj.voxels, voxels_full=subj.voxels + subj.offset,
+             volume_shape=np.asarray(anatomy.shape),
+             ncsnr=subj.ncsnr, n_repeats=np.full(n, s.n_repeats), planted_layer=subj.layer,
+             planted_latent=subj.latent, roi_names=np.asarray(list(anatomy.rois)),
+             n_latents_total=np.asarray(sum(v.shape[1] for v in codes.values())))  # fmt: skip
+
+
+def _nsd_brain(c: RunConfig, root: Path, out: Path, log) -> None:
+    from .brain import load_nsd_betas, roi_masks
+    from .brain.nsd import load_volume
+
+    n_cfg = c.brain.nsd
+    files = {k: Path(v).expanduser() for k, v in n_cfg.roi_files.items()}
+    tables = {k: Path(v).expanduser() for k, v in (n_cfg.label_tables or {}).items()} or None
+    masks = roi_masks(files, n_cfg.rois, tables)
+    mask = np.any(np.stack([masks[r] for r in n_cfg.rois]), axis=0)
+    roi_vol = np.full(mask.shape, "", dtype=object)
+    for r in reversed(n_cfg.rois):  # a voxel in several ROIs goes to the first listed
+        roi_vol[masks[r]] = r
+    log(f"  reading {len(n_cfg.betas)} NSD sessions, {int(mask.sum())} voxels in {len(n_cfg.rois)} ROIs")
+    data = load_nsd_betas([Path(b).expanduser() for b in n_cfg.betas], Path(n_cfg.expdesign).expanduser(),
+                          n_cfg.subject, mask, zscore_by=n_cfg.zscore_by)  # fmt: skip
+    expected = _nsd_image_ids(c)
+    if not np.array_equal(data.images, expected):
+        raise RuntimeError("NSD responses and stimuli do not list the same images")
+    ncsnr = (load_volume(Path(n_cfg.ncsnr).expanduser(), "ncsnr")[0][mask] if n_cfg.ncsnr
+             else np.full(int(mask.sum()), np.nan))  # fmt: skip
+    np.savez(out / "responses.npz", responses=data.responses,
+             roi=np.asarray([roi_vol[tuple(v)] for v in data.voxels], dtype=str), voxels=data.voxels,
+             voxels_full=data.voxels, volume_shape=np.asarray(mask.shape), ncsnr=ncsnr,
+             n_repeats=data.n_repeats, nsd_images=data.images,
+             roi_names=np.asarray(n_cfg.rois))  # fmt: skip
+
+
+def _first_roi(in_roi: np.ndarray, names: list[str]) -> np.ndarray:
+    """Each vertex's ROI label: the first listed ROI that holds it ("" for none), as for NSD's voxels."""
+    labels = np.full(in_roi.shape[1], "", dtype=object)
+    for name, mask in reversed(list(zip(names, in_roi, strict=True))):
+        labels[mask] = name
+    return labels.astype(str)
+
+
+def _algonauts_brain(c: RunConfig, root: Path, out: Path, log) -> None:
+    """The subject's responses (lh then rh columns, rows in training-image order) at the kept vertices.
+
+    ``vertices`` are challenge-space columns (into ``[V_lh + V_rh]``) and ``roi_masks`` the full ROI masks
+    over the challenge space, for the fsaverage maps. There is no noise ceiling: the training split holds
+    one response per image, its repeats already averaged, and no ncsnr (``ncsnr`` and ``n_repeats`` are
+    NaN: unknown)."""
+    from .brain import load_algonauts
+    from .brain.algonauts import nsd_ids
+
+    a, names = c.brain.algonauts, algonauts_rois(c.brain.algonauts)
+    log(f"  reading Algonauts 2023 subject {_algonauts_dir(c)}, {len(names)} ROIs")
+    subj = load_algonauts(_algonauts_dir(c), rois=names)
+    images = _algonauts_images(c)
+    n = json.loads((root / "activations" / "info.json").read_text())["n_images"]
+    if subj.images[: len(images)] != images or len(images) != n:
+        raise RuntimeError("the Algonauts responses and the activations stage's images are not the same list")
+    in_roi = np.stack([subj.rois[r] for r in names])  # [R, V_lh + V_rh]
+    for name in (r for r, m in zip(names, in_roi, strict=True) if not m.any()):
+        log(f"  ROI {name} has no vertices in this subject's challenge space")
+    keep = in_roi.any(0) if a.vertices == "rois" else np.ones(in_roi.shape[1], bool)
+    vertices = np.flatnonzero(keep)
+    log(f"  {len(vertices)} of {in_roi.shape[1]} challenge-space vertices ({a.vertices}), {n} images")
+    np.savez(out / "responses.npz", responses=subj.responses[:n, vertices],
+             roi=_first_roi(in_roi[:, vertices], names), roi_names=np.asarray(names), vertices=vertices,
+             n_lh=np.asarray(subj.n_lh), roi_masks=in_roi, ncsnr=np.full(len(vertices), np.nan),
+             n_repeats=np.full(n, np.nan), nsd_images=nsd_ids(images))  # fmt: skip
 
 
 def _dictionary(c: RunConfig, root: Path, out: Path, log) -> list[str]:
@@ -352,6 +461,24 @@ def _dictionary(c: RunConfig, root: Path, out: Path, log) -> list[str]:
     header = ["voxel", "roi", "layer", "latent", "r", "neuron_layer", "neuron", "neuron_r"]
     _write_csv(out / "dictionary.csv", header, rows)
     return ["sae_dictionary.npz", "neuron_dictionary.npz", "dictionary.csv"]
+
+
+def _no_ceiling_note(c: RunConfig) -> str:
+    why = (
+        "Algonauts 2023's training split holds one averaged response per image and no ncsnr"
+        if c.brain.kind == "algonauts"
+        else "no brain.nsd.ncsnr given"
+    )
+    return f"No noise ceiling ({why}): R^2 over the noise ceiling is not available."
+
+
+def _algonauts_unavailable() -> list[str]:
+    """What the report leaves out for Algonauts 2023, and why."""
+    return [
+        "Noise ceiling: the training split gives one response per image, its repeats already averaged, and "
+        "no ncsnr; so no R^2 over the noise ceiling for the encoding baseline, and no split by ncsnr.",
+        "Recovery of planted latents: only the synthetic subject has known (layer, latent) pairs.",
+    ]
 
 
 def _median_order_ok(medians: dict[str, float], planted: dict[str, int]) -> bool:
@@ -428,12 +555,14 @@ def _analysis(c: RunConfig, root: Path, out: Path, log) -> list[str]:
     np.savez(out / "per_voxel.npz", max_r=sae.r.numpy(), **per_voxel)
 
     # ROI-consistent selectivity: each ROI's top latents by mean r over its voxels, with their top images
-    sel = roi_selectivity(codes, resp_t, roi, rois, top_latents=3, top_images=5)
+    sel = roi_selectivity(codes, resp_t, roi, rois, top_latents=a.selectivity_latents,
+                          top_images=a.selectivity_images)  # fmt: skip
     numbers["selectivity"] = {
-        r: [{"layer": e.layer, "latent": e.latent, "mean_r": e.mean_r, "top_images": e.top_images}
-            for e in entries]
+        r: [{"layer": e.layer, "latent": e.latent, "mean_r": e.mean_r, "top_images": e.top_images,
+             "top_activations": e.top_activations} for e in entries]
         for r, entries in sel.items()
     }  # fmt: skip
+    numbers["roi_voxels"] = {r: int((roi == r).sum()) for r in rois}
 
     # the encoding baseline: ridge from the final embedding
     with np.load(root / "activations" / "final_embedding.npz", allow_pickle=False) as f:
@@ -453,8 +582,11 @@ def _analysis(c: RunConfig, root: Path, out: Path, log) -> list[str]:
         "median_r2_over_ceiling": (None if enc.r2_over_ceiling is None
                                    else float(np.nanmedian(enc.r2_over_ceiling))),
         "median_noise_ceiling_pct": None if ceiling is None else float(np.nanmedian(ceiling)),
+        "noise_ceiling_note": None if ceiling is not None else _no_ceiling_note(c),
         "per_roi_median_r2": {r: float(np.nanmedian(enc.r2[roi == r])) for r in rois},
     }  # fmt: skip
+    if c.brain.kind == "algonauts":
+        numbers["unavailable"] = _algonauts_unavailable()
     log(f"  ridge encoding: median held-out R^2 {numbers['encoding']['median_r2']:.3f}")
 
     # the synthetic subject: recovery of the planted (layer, latent) and of the planted layer order
@@ -482,41 +614,244 @@ def _analysis(c: RunConfig, root: Path, out: Path, log) -> list[str]:
 
 
 def _maps(c: RunConfig, root: Path, out: Path, log) -> list[str]:
-    from .dictionary import VoxelDictionary
-    from .maps import flatmap_png
+    for old in [*out.glob("*.png"), out / SELECTIVITY_MAPS, out / FSAVERAGE_MAPS]:  # nothing stale
+        old.unlink(missing_ok=True)
+    if c.brain.kind == "algonauts":
+        maps, notes = _fsaverage_maps(c, root, out, log)
+    else:
+        maps, notes = _flatmaps(c, root, out, log), []
+    selectivity = _selectivity_figures(c, root, out, log) if c.maps.selectivity_figures else {}
+    summary = {"maps": maps, "selectivity": selectivity, "notes": notes}
+    (out / "maps.json").write_text(json.dumps(summary, indent=1))
+    written = [f for f in (SELECTIVITY_MAPS, FSAVERAGE_MAPS) if (out / f).is_file()]
+    return ["maps.json", *maps, *(f for f in selectivity.values() if f), *written]
 
-    for old in out.glob("*.png"):
-        old.unlink()
-    if not c.maps.enabled or c.maps.subject is None:
-        log("  maps disabled (maps.enabled false or no maps.subject)")
-        (out / "maps.json").write_text(json.dumps({"maps": []}))
-        return ["maps.json"]
-    with np.load(root / "brain" / "responses.npz", allow_pickle=False) as f:
-        vox, shape = f["voxels_full"], tuple(int(s) for s in f["volume_shape"])
+
+@dataclasses.dataclass
+class MapSpec:
+    """One cortical map: a value per voxel (or vertex) and how to colour it."""
+
+    name: str  # the PNG's stem
+    values: np.ndarray  # [V]
+    title: str
+    cmap: str
+    label: str
+    vmin: float | None = None
+    vmax: float | None = None
+
+
+def _z_over_images(acts: np.ndarray, i: int) -> np.ndarray:
+    """Image ``i``'s dictionary activations as z-scores over the images (0 where a voxel is constant)."""
+    mu, sd = acts.mean(0), acts.std(0)
+    return np.where(sd > 0, (acts[i] - mu) / np.where(sd > 0, sd, 1), 0.0)
+
+
+def _map_specs(c: RunConfig, root: Path, log) -> list[MapSpec]:
+    """Best layer, max r and ``maps.images``' dictionary activations, per voxel: what every map draws."""
+    from .dictionary import VoxelDictionary
+
     with np.load(root / "analysis" / "per_voxel.npz", allow_pickle=False) as f:
         best, max_r = f["best_layer_max"], f["max_r"]
     sae = VoxelDictionary.load(root / "dictionary" / "sae_dictionary.npz")
     layers = list(sae.layers)
-    kw = {"subject": c.maps.subject, "xfm": c.maps.xfm}
-    made = []
-    made.append(flatmap_png(best, vox, shape, out / "best_layer.png", "best layer (max rule)", cmap="viridis",
-                            vmin=min(layers), vmax=max(layers), label="layer", **kw))  # fmt: skip
-    made.append(flatmap_png(max_r, vox, shape, out / "max_r.png", "max r (voxel dictionary)", cmap="magma",
-                            label="Pearson r", **kw))  # fmt: skip
+    specs = [
+        MapSpec("best_layer", best, "best layer (max rule)", "viridis", "layer", min(layers), max(layers)),
+        MapSpec("max_r", max_r, "max r (voxel dictionary)", "magma", "Pearson r"),
+    ]
     acts = sae.activations.numpy()
     for i in c.maps.images:
         if i >= acts.shape[0]:
             log(f"  maps.images: image {i} out of range ({acts.shape[0]} images), skipped")
             continue
-        a = acts[i]
-        mu, sd = acts.mean(0), acts.std(0)
-        z = np.where(sd > 0, (a - mu) / np.where(sd > 0, sd, 1), 0.0)
-        made.append(flatmap_png(z, vox, shape, out / f"activation_image_{i:04d}.png",
-                                f"dictionary activation, image {i}", cmap="RdBu_r", vmin=-3, vmax=3,
-                                label="z over images", **kw))  # fmt: skip
-        log(f"  map {made[-1].name}")
-    (out / "maps.json").write_text(json.dumps({"maps": [p.name for p in made]}))
-    return ["maps.json", *[p.name for p in made]]
+        title = f"dictionary activation, image {i}"
+        specs.append(MapSpec(f"activation_image_{i:04d}", _z_over_images(acts, i), title, "RdBu_r",
+                             "z over images", -3, 3))  # fmt: skip
+    return specs
+
+
+def _flatmaps(c: RunConfig, root: Path, out: Path, log) -> list[str]:
+    """The maps on the subject's pycortex flatmap (volume data)."""
+    from .maps import flatmap_png
+
+    if not c.maps.enabled or c.maps.subject is None:
+        log("  flatmaps disabled (maps.enabled false or no maps.subject)")
+        return []
+    with np.load(root / "brain" / "responses.npz", allow_pickle=False) as f:
+        vox, shape = f["voxels_full"], tuple(int(s) for s in f["volume_shape"])
+    made = []
+    for m in _map_specs(c, root, log):
+        path = flatmap_png(m.values, vox, shape, out / f"{m.name}.png", m.title, subject=c.maps.subject,
+                           xfm=c.maps.xfm, cmap=m.cmap, vmin=m.vmin, vmax=m.vmax, label=m.label)  # fmt: skip
+        made.append(path.name)
+        log(f"  map {path.name}")
+    return made
+
+
+def _fsaverage_masks_or_note(c: RunConfig, n_challenge: int, log) -> tuple[tuple | None, list[str]]:
+    """The subject's challenge-space masks over fsaverage, or None and the note that says why not (a
+    missing or malformed ``all-vertices_fsaverage_space.npy``): the run goes on without surface maps."""
+    from .brain import BrainDataError
+    from .brain.algonauts import read_fsaverage_masks, scatter_to_fsaverage
+
+    try:
+        masks = read_fsaverage_masks(_algonauts_dir(c))
+        scatter_to_fsaverage(np.zeros(n_challenge), *masks)  # the masks must select the responses' columns
+    except BrainDataError as err:
+        log(f"  fsaverage maps skipped: {err}")
+        return None, [f"No fsaverage maps: {err}"]
+    return masks, []
+
+
+def _fsaverage_maps(c: RunConfig, root: Path, out: Path, log) -> tuple[list[str], list[str]]:
+    """The maps on the inflated fsaverage surface (Algonauts 2023), with the ROIs outlined, and notes.
+
+    Values of the kept vertices go back into the challenge space (NaN elsewhere), then onto fsaverage's
+    163,842 vertices per hemisphere (NaN off the challenge space), which ``fsaverage_png`` draws on
+    fsaverage5; the vectors drawn are kept in ``fsaverage_maps.npz`` (``<map>_lh``, ``<map>_rh``)."""
+    from .brain.algonauts import scatter_to_fsaverage
+    from .surface import fsaverage_png
+
+    if not c.maps.enabled:
+        log("  fsaverage maps disabled (maps.enabled false)")
+        return [], []
+    with np.load(root / "brain" / "responses.npz", allow_pickle=False) as f:
+        vertices, roi_masks, roi_names = f["vertices"], f["roi_masks"], [str(r) for r in f["roi_names"]]
+    masks, notes = _fsaverage_masks_or_note(c, roi_masks.shape[1], log)
+    if masks is None:
+        return [], notes
+    in_rois = zip(roi_names, roi_masks, strict=True)
+    outlines = {r: scatter_to_fsaverage(m, *masks) for r, m in in_rois if m.any()}
+    made, drawn = [], {}
+    for m in _map_specs(c, root, log):
+        challenge = np.full(roi_masks.shape[1], np.nan, np.float32)
+        challenge[vertices] = m.values
+        lh, rh = scatter_to_fsaverage(challenge, *masks)
+        path = fsaverage_png(lh, rh, out / f"fsaverage_{m.name}.png", title=m.title, cmap=m.cmap, vmin=m.vmin,
+                             vmax=m.vmax, label=m.label, views=c.maps.views, rois=outlines)  # fmt: skip
+        drawn[f"{m.name}_lh"], drawn[f"{m.name}_rh"] = lh, rh
+        made.append(path.name)
+        log(f"  map {path.name}")
+    np.savez_compressed(out / FSAVERAGE_MAPS, **drawn)
+    return made, notes
+
+
+def _file_safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)
+
+
+def _selectivity_requests(selectivity: dict) -> list[tuple[int, int, int]]:
+    """Every (layer, latent, image) drawn in some ROI's figure, once."""
+    return sorted(
+        {
+            (e["layer"], e["latent"], i)
+            for entries in selectivity.values()
+            for e in entries
+            for i in e["top_images"]
+        }
+    )
+
+
+def _run_saes(c: RunConfig, root: Path, layers: list[int]) -> dict:
+    """The SAEs the activations stage used: the configured checkpoints or the ones it trained."""
+    from .checkpoint import load_sae
+
+    paths = _sae_paths(c, layers) or {
+        lay: root / "activations" / "saes" / f"layer_{lay:02d}.safetensors" for lay in layers
+    }
+    return {lay: load_sae(p) for lay, p in paths.items()}
+
+
+def _check_patch_maps(selectivity: dict, maps: dict, log) -> None:
+    """A patch map's mean is the per-image code the analysis ranked by: if they differ, the backbone,
+    SAEs or images are not the ones the activations stage used (say so rather than draw silently)."""
+    worst = 0.0
+    for entries in selectivity.values():
+        for e in entries:
+            for image, stored in zip(e["top_images"], e["top_activations"], strict=True):
+                got = float(maps[(e["layer"], e["latent"], image)].mean())
+                worst = max(worst, abs(got - stored) / (1e-3 + abs(stored)))
+    if worst > 1e-3:
+        log(
+            f"  warning: patch maps do not reproduce the stored activations (relative difference "
+            f"{worst:.2g}): the backbone, SAEs or images differ from the activations stage's"
+        )
+
+
+def _activity_note(n_active: int) -> str:
+    if n_active == 0:
+        return "silent on every image"
+    return f"active on {n_active} image{'s' if n_active > 1 else ''} only"
+
+
+def _selectivity_rows(entries: list[dict], shown: dict, maps: dict) -> list:
+    """Figure rows. A sparse latent may fire on fewer images than its top-image count: the images where
+    it is silent are left out (a "top image" it does not fire on would mislead) and the title says so."""
+    from .figures import LatentRow
+
+    rows = []
+    for e in entries:
+        active = [i for i, a in zip(e["top_images"], e["top_activations"], strict=True) if a > 0]
+        ids = active or list(e["top_images"])
+        note = "" if len(active) == len(e["top_images"]) else _activity_note(len(active))
+        patch_maps = [maps[(e["layer"], e["latent"], i)] for i in ids]
+        rows.append(
+            LatentRow(e["layer"], e["latent"], e["mean_r"], ids, [shown[i] for i in ids], patch_maps, note)
+        )
+    return rows
+
+
+def _selectivity_arrays(key: str, entries: list[dict], maps: dict) -> dict[str, np.ndarray]:
+    """Every top image's patch map (silent ones included) for ``selectivity_maps.npz``."""
+    grids = [[maps[(e["layer"], e["latent"], i)] for i in e["top_images"]] for e in entries]
+    return {
+        f"maps_{key}": np.asarray(grids, np.float32),
+        f"images_{key}": np.asarray([e["top_images"] for e in entries]),
+    }
+
+
+def _selectivity_figures(c: RunConfig, root: Path, out: Path, log) -> dict[str, str | None]:
+    """Per ROI ``selectivity_<ROI>.png`` (None: an ROI without voxels) and ``selectivity_maps.npz`` with
+    the patch maps drawn (``maps_<ROI>`` ``[latents, images, rows, cols]``, ``images_<ROI>``)."""
+    from .analysis.selectivity import latent_patch_maps
+    from .figures import display_image, save_figure, selectivity_figure
+
+    numbers = json.loads((root / "analysis" / "numbers.json").read_text())
+    selectivity = numbers["selectivity"]
+    for roi in (r for r, entries in selectivity.items() if not entries):
+        log(f"  selectivity: ROI {roi} has no voxels, so no top latents and no figure")
+    requests = _selectivity_requests(selectivity)
+    if not requests:
+        return dict.fromkeys(selectivity)
+    bb, _ = _backbone(c)  # its random-weights warning was logged by the activations stage
+    source = _image_source(c)
+    if len(source) != numbers["n_images"]:
+        raise RuntimeError(
+            f"the image source now has {len(source)} images; the run used {numbers['n_images']}"
+        )
+    layers = sorted({lay for lay, _, _ in requests})
+    images = sorted({i for _, _, i in requests})
+    log(f"  selectivity: patch tokens of {len(images)} top images, layers {layers}")
+    # at most 16 images a batch: full-size codes are 16 x 196 tokens x 12,288 latents = 150 MB per layer
+    batch_size = min(c.images.batch_size, 16)
+    maps = latent_patch_maps(bb, _run_saes(c, root, layers), source, requests, batch_size=batch_size)
+    _check_patch_maps(selectivity, maps, log)
+    scale = max(1.0, DISPLAY_PX / min(bb.img_size))
+    shown = {i: display_image(source[i], tuple(round(s * scale) for s in bb.img_size)) for i in images}
+    weights = " (RANDOM weights)" if c.backbone.checkpoint is None else ""
+    subtitle = f"{bb.name} at {bb.img_size[0]} px{weights}; overlay: the latent's activation per patch"
+    figures: dict[str, str | None] = {}
+    arrays: dict[str, np.ndarray] = {}
+    for roi, entries in selectivity.items():
+        if not entries:
+            figures[roi] = None
+            continue
+        rows = _selectivity_rows(entries, shown, maps)
+        fig = selectivity_figure(roi, rows, subtitle, n_voxels=numbers["roi_voxels"][roi])
+        figures[roi] = save_figure(fig, out / f"selectivity_{_file_safe(roi)}.png").name
+        arrays.update(_selectivity_arrays(_file_safe(roi), entries, maps))
+        log(f"  figure {figures[roi]}")
+    np.savez(out / SELECTIVITY_MAPS, **arrays)
+    return figures
 
 
 def _fmt(x) -> str:
@@ -527,10 +862,56 @@ def _fmt(x) -> str:
     return str(x)
 
 
+def _selectivity_figure_links(figures: dict[str, str | None], rois: list[str]) -> list[str]:
+    """Markdown for the selectivity figures, in ROI order (none when the figures are switched off)."""
+    if not figures:
+        return []
+    lines = ["", "Each ROI's top latents (rows) on their top images, with the latent's patch-activation map "
+             "laid over each image:", ""]  # fmt: skip
+    for roi in rois:
+        name = figures.get(roi)
+        lines += [f"![{roi}: top latents and their top images](maps/{name})" if name else
+                  f"*{roi}: no voxels, no figure.*", ""]  # fmt: skip
+    return lines
+
+
+def _encoding_lines(e: dict, rois: list[str]) -> list[str]:
+    ceiling = (
+        f"; median R^2 / noise ceiling {_fmt(e['median_r2_over_ceiling'])} "
+        f"(median ceiling {_fmt(e['median_noise_ceiling_pct'])}%)."
+        if e.get("noise_ceiling_note") is None
+        else f". {e['noise_ceiling_note']}"
+    )
+    lines = ["", "## Encoding baseline (ridge from the last layer's CLS)", "",
+             f"{e['n_train']} training / {e['n_test']} held-out images: median R^2 {_fmt(e['median_r2'])}, "
+             f"mean {_fmt(e['mean_r2'])}{ceiling}", "", "| ROI | median R^2 |", "|---|---|"]  # fmt: skip
+    return lines + [f"| {q} | {_fmt(e['per_roi_median_r2'][q])} |" for q in rois]
+
+
+def _map_lines(root: Path, maps: list[str], notes: list[str], kind: str) -> list[str]:
+    """The maps section: each PNG (a dictionary activation with its stimulus), and the maps' notes."""
+    if not maps and not notes:
+        return []
+    lines = ["", "## Maps", ""]
+    if kind == "algonauts" and maps:
+        lines += ["On the inflated fsaverage surface (nilearn's fsaverage5: the challenge-space vertices "
+                  "among its 10,242 per hemisphere; grey: no data), ROIs outlined.", ""]  # fmt: skip
+    lines += [f"*{note}*" for note in notes] + ([""] if notes else [])
+    for m in maps:
+        lines.append(f"![{m}](maps/{m})")
+        stim = root / "activations" / f"stimulus_{m.split('_')[-1].split('.')[0]}.png"
+        if "activation_image" in m and stim.is_file():
+            lines.append(f"![stimulus](activations/{stim.name})")
+        lines.append("")
+    return lines
+
+
 def _report(c: RunConfig, root: Path, out: Path, log) -> list[str]:
     numbers = json.loads((root / "analysis" / "numbers.json").read_text())
     info = json.loads((root / "activations" / "info.json").read_text())
-    maps = json.loads((root / "maps" / "maps.json").read_text())["maps"]
+    maps_json = json.loads((root / "maps" / "maps.json").read_text())
+    maps, selectivity_figures = maps_json["maps"], maps_json.get("selectivity", {})
+    unit = "challenge-space vertices" if c.brain.kind == "algonauts" else "voxels"
     layers, rois = numbers["layers"], numbers["rois"]
     L: list[str] = ["# SAE-BrainMap run report", ""]
     L += [f"- backbone: `{info['backbone']}` at {info['img_size'][0]} px, layers {layers}"
@@ -538,7 +919,7 @@ def _report(c: RunConfig, root: Path, out: Path, log) -> list[str]:
           f"- images: {info['n_images']} ({c.images.source}); SAEs: "
           + ("trained here" if info["sae_trained_here"] else "loaded from checkpoints")
           + f" ({c.sae.kind}, {c.sae.n_latents} latents, k={c.sae.k})",
-          f"- brain: {c.brain.kind}, {numbers['n_voxels']} voxels in {len(rois)} ROIs", ""]  # fmt: skip
+          f"- brain: {c.brain.kind}, {numbers['n_voxels']} {unit} in {len(rois)} ROIs", ""]  # fmt: skip
     if info["sae_metrics"]:
         L += ["## SAEs", "", "| layer | FVE | L0 | dead fraction |", "|---|---|---|---|"]
         L += [f"| {k} | {_fmt(m['fve'])} | {_fmt(m['l0'])} | {_fmt(m['dead_fraction'])} |"
@@ -581,21 +962,11 @@ def _report(c: RunConfig, root: Path, out: Path, log) -> list[str]:
     L += [f"| {q} | {e['layer']}:{e['latent']} | {_fmt(e['mean_r'])} | "
           + ", ".join(str(i) for i in e["top_images"]) + " |"
           for q in rois for e in numbers.get("selectivity", {}).get(q, [])]  # fmt: skip
-    e = numbers["encoding"]
-    L += ["", "## Encoding baseline (ridge from the last layer's CLS)", "",
-          f"{e['n_train']} training / {e['n_test']} held-out images: median R^2 {_fmt(e['median_r2'])}, "
-          f"mean {_fmt(e['mean_r2'])}; median R^2 / noise ceiling {_fmt(e['median_r2_over_ceiling'])} "
-          f"(median ceiling {_fmt(e['median_noise_ceiling_pct'])}%).", "",
-          "| ROI | median R^2 |", "|---|---|"]  # fmt: skip
-    L += [f"| {q} | {_fmt(e['per_roi_median_r2'][q])} |" for q in rois]
-    if maps:
-        L += ["", "## Maps", ""]
-        for m in maps:
-            L.append(f"![{m}](maps/{m})")
-            stim = root / "activations" / f"stimulus_{m.split('_')[-1].split('.')[0]}.png"
-            if m.startswith("activation_image") and stim.is_file():
-                L.append(f"![stimulus](activations/{stim.name})")
-            L.append("")
+    L += _selectivity_figure_links(selectivity_figures, rois)
+    L += _encoding_lines(numbers["encoding"], rois)
+    L += _map_lines(root, maps, maps_json.get("notes", []), c.brain.kind)
+    if numbers.get("unavailable"):
+        L += ["", "## Not available for this data", ""] + [f"- {note}" for note in numbers["unavailable"]]
     L += ["", "Numbers: `analysis/numbers.json`, `analysis/*.csv`, `dictionary/dictionary.csv`.", ""]
     (root / "report.md").write_text("\n".join(L))
     (out / "numbers.json").write_text(json.dumps(numbers, indent=1))

@@ -16,6 +16,9 @@ import yaml
 from .backbone import DEFAULT_BACKBONE
 from .brain.s1 import S1_ROIS
 
+SURFACE_VIEWS = ("lateral", "medial", "ventral")  # the fsaverage maps' default panels
+NILEARN_VIEWS = ("lateral", "medial", "dorsal", "ventral", "anterior", "posterior")
+
 
 class RunConfigError(ValueError):
     """A ``sae-brainmap run`` config that cannot be used (unknown key, wrong type, missing value)."""
@@ -23,7 +26,9 @@ class RunConfigError(ValueError):
 
 @dataclass
 class ImagesConfig:
-    source: str = "embedded"  # embedded | folder | nsd (nsd: path = nsd_stimuli.hdf5, images from the design)
+    # embedded | folder | nsd (path = nsd_stimuli.hdf5, images from the design) | algonauts (the training
+    # images of brain.algonauts.subject_dir, in response-row order; no path)
+    source: str = "embedded"
     path: str | None = None
     n_images: int = 96  # embedded only
     seed: int = 0
@@ -36,6 +41,9 @@ class BackboneConfig:
     checkpoint: str | None = None  # None: RANDOM weights (a warning says so)
     img_size: int | None = None  # None: the model's own (224)
     layers: list[int] | None = None  # None: all blocks
+    # random init only (no checkpoint): the weights are drawn from this seed, so that the maps stage can
+    # rebuild the same network to recompute a few images' patch tokens
+    seed: int = 0
 
 
 @dataclass
@@ -73,10 +81,20 @@ class NSDConfig:
 
 
 @dataclass
+class AlgonautsConfig:
+    subject_dir: str | None = None  # Algonauts 2023's subjXX folder (training_split/, roi_masks/)
+    rois: list[str] = field(default_factory=list)  # ROI names of NSD's tables: V1v, FFA-1, PPA, ...
+    roi_classes: list[str] = field(default_factory=list)  # every ROI of these classes: prf-visualrois, ...
+    vertices: str = "rois"  # rois: only vertices in the ROIs (as brain.kind nsd) | all: the challenge space
+    max_images: int | None = None  # the first N training images and response rows; None: all
+
+
+@dataclass
 class BrainConfig:
-    kind: str = "synthetic"  # synthetic | nsd
+    kind: str = "synthetic"  # synthetic | nsd | algonauts
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     nsd: NSDConfig = field(default_factory=NSDConfig)
+    algonauts: AlgonautsConfig = field(default_factory=AlgonautsConfig)
 
 
 @dataclass
@@ -92,16 +110,21 @@ class AnalysisConfig:
     rsa_max_voxels: int = 1000  # RSA on a seeded random subset of voxels (the [V, V] matrices grow as V^2)
     test_fraction: float = 0.2  # held-out images of the ridge encoding baseline
     seed: int = 0
+    selectivity_latents: int = 3  # per ROI: the top latents by mean r (table, numbers and figure rows)
+    selectivity_images: int = 5  # per latent: its most activating images (table and figure panels)
 
 
 @dataclass
 class MapsConfig:
-    enabled: bool = True
+    enabled: bool = True  # the cortical maps: pycortex flatmaps, or fsaverage maps for brain.kind algonauts
     images: list[int] = field(
         default_factory=lambda: [0, 1]
     )  # stimuli whose dictionary activations are drawn
     subject: str | None = "S1"  # pycortex subject of the volume (S1 for the synthetic subject)
     xfm: str = "fullhead"
+    views: list[str] = field(default_factory=lambda: list(SURFACE_VIEWS))  # fsaverage maps' panels
+    # per ROI a PNG of its top latents' top images with their patch-activation maps (needs no pycortex)
+    selectivity_figures: bool = True
 
 
 @dataclass
@@ -186,10 +209,19 @@ def load_run_config(path: str | Path, out: str | None = None) -> RunConfig:
 
 
 def _validate(c: RunConfig) -> None:
-    if c.images.source not in ("embedded", "folder", "nsd"):
-        raise RunConfigError(f"images.source must be embedded, folder or nsd, got {c.images.source!r}")
-    if c.brain.kind not in ("synthetic", "nsd"):
-        raise RunConfigError(f"brain.kind must be synthetic or nsd, got {c.brain.kind!r}")
+    if c.images.source not in ("embedded", "folder", "nsd", "algonauts"):
+        raise RunConfigError(
+            f"images.source must be embedded, folder, nsd or algonauts, got {c.images.source!r}"
+        )
+    if c.brain.kind not in ("synthetic", "nsd", "algonauts"):
+        raise RunConfigError(f"brain.kind must be synthetic, nsd or algonauts, got {c.brain.kind!r}")
+    if (c.brain.kind == "algonauts") != (c.images.source == "algonauts"):
+        raise RunConfigError(
+            "brain.kind algonauts and images.source algonauts go together (the responses are rows of the "
+            f"subject's own training images); got brain.kind {c.brain.kind}, images.source {c.images.source}"
+        )
+    if c.brain.kind == "algonauts":
+        _validate_algonauts(c.brain.algonauts)
     if c.brain.kind == "nsd":
         n = c.brain.nsd
         missing = [k for k in ("betas", "expdesign", "roi_files", "rois") if not getattr(n, k)]
@@ -201,5 +233,63 @@ def _validate(c: RunConfig) -> None:
         raise RunConfigError("images.source nsd is only used with brain.kind nsd")
     if not 0 < c.analysis.test_fraction < 1:
         raise RunConfigError(f"analysis.test_fraction must be in (0, 1), got {c.analysis.test_fraction}")
+    for key in ("selectivity_latents", "selectivity_images"):
+        if getattr(c.analysis, key) < 1:
+            raise RunConfigError(f"analysis.{key} must be at least 1, got {getattr(c.analysis, key)}")
     if len(c.maps.images) > 0 and min(c.maps.images) < 0:
         raise RunConfigError("maps.images are image indices (>= 0)")
+    bad_views = [v for v in c.maps.views if v not in NILEARN_VIEWS]
+    if bad_views or not c.maps.views:
+        raise RunConfigError(
+            f"maps.views must be a non-empty list of {', '.join(NILEARN_VIEWS)}; got {c.maps.views}"
+        )
+
+
+def algonauts_rois(a: AlgonautsConfig) -> list[str]:
+    """The run's ROI names: ``rois`` then every ROI of ``roi_classes``, each once, in that order."""
+    from .brain.algonauts import roi_class_names
+
+    return list(dict.fromkeys([*a.rois, *roi_class_names(a.roi_classes)]))
+
+
+def _validate_algonauts(a: AlgonautsConfig) -> None:
+    """What can be checked without the data (the files are checked by :func:`check_inputs`)."""
+    from .brain import BrainDataError
+    from .brain.algonauts import roi_classes_of
+
+    if a.subject_dir is None:
+        raise RunConfigError(
+            "brain.kind algonauts needs brain.algonauts.subject_dir (Algonauts 2023's subjXX folder)"
+        )
+    if not a.rois and not a.roi_classes:
+        raise RunConfigError(
+            "brain.kind algonauts needs ROIs: brain.algonauts.rois (names such as V1v, FFA-1) and/or "
+            "brain.algonauts.roi_classes (such as prf-visualrois, floc-faces)"
+        )
+    try:
+        roi_classes_of(algonauts_rois(a))
+    except BrainDataError as err:
+        raise RunConfigError(f"brain.algonauts: {err}") from None
+    if a.vertices not in ("rois", "all"):
+        raise RunConfigError(f"brain.algonauts.vertices must be rois or all, got {a.vertices!r}")
+    if a.max_images is not None and a.max_images < 1:
+        raise RunConfigError(f"brain.algonauts.max_images must be at least 1 (or null), got {a.max_images}")
+
+
+def check_inputs(c: RunConfig) -> None:
+    """Before any stage runs: the data files the config names exist (for brain.kind algonauts), so that a
+    wrong path fails at once with one message rather than after the activations stage's hours."""
+    if c.brain.kind != "algonauts":
+        return
+    from .brain.algonauts import HEMIS, fmri_path, roi_classes_of, roi_mask_path
+
+    root = Path(c.brain.algonauts.subject_dir).expanduser()
+    if not root.is_dir():
+        raise RunConfigError(f"brain.algonauts.subject_dir: no such folder: {root}")
+    needed = [(fmri_path(root, h), "the responses") for h in HEMIS]
+    needed.append((root / "training_split" / "training_images", "the training images"))
+    for cls in roi_classes_of(algonauts_rois(c.brain.algonauts)):
+        needed += [(roi_mask_path(root, h, cls), f"the {cls} ROI mask") for h in HEMIS]
+    for path, what in needed:
+        if not path.exists():
+            raise RunConfigError(f"brain.algonauts.subject_dir {root} lacks {what}: {path} does not exist")

@@ -4,7 +4,8 @@ A latent's score for an ROI is its mean Pearson r over all of the ROI's voxels. 
 product of the latent's normalised column with the mean of the voxels' normalised columns, so every
 latent of every layer is scored with one matrix-vector product per layer and ROI. For each top latent:
 the images that activate it most, and its activation over an image's patch grid (a heat map to lay over
-the picture).
+the picture). Those maps need the SAE codes of every patch token, which the pipeline does not keep (it
+stores per-image means): :func:`latent_patch_maps` recomputes them for just the few images drawn.
 """
 
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ class RoiLatent:
     latent: int
     mean_r: float  # mean Pearson r over the ROI's voxels
     top_images: list[int] = field(default_factory=list)  # rows of the activations, most active first
+    top_activations: list[float] = field(default_factory=list)  # the latent's activation on each of them
 
 
 def _normalised(x: torch.Tensor) -> torch.Tensor:
@@ -59,9 +61,55 @@ def roi_selectivity(
             lay, lat = int(owner[i][0]), int(owner[i][1])
             acts = layer_acts[lay][:, lat].double().numpy()
             images = np.argsort(-acts, kind="stable")[:top_images].tolist()
-            entries.append(RoiLatent(lay, lat, float(scores[i]), images))
+            entries.append(RoiLatent(lay, lat, float(scores[i]), images, acts[images].tolist()))
         out[roi] = entries
     return out
+
+
+def patch_grid(backbone) -> tuple[int, int]:
+    """The (rows, columns) of a timm ViT backbone's patch tokens."""
+    return tuple(int(g) for g in backbone.vit.patch_embed.grid_size)
+
+
+def latent_patch_maps(
+    backbone,
+    saes: dict,
+    source,
+    requests: list[tuple[int, int, int]],
+    batch_size: int = 16,
+) -> dict[tuple[int, int, int], np.ndarray]:
+    """``{(layer, latent, image): [rows, cols]}``: each requested latent's activation over the image's
+    patch grid, for ``requests`` of ``(layer, latent, image)`` (``image`` indexes ``source``).
+
+    Only the requested images go through ``backbone`` (a :class:`~sae_brainmap.ViTBackbone`), a batch at
+    a time and only up to the deepest requested layer; ``saes`` (``{layer: SAE}``) encode their patch
+    tokens and only the requested latents' columns are kept, so memory is one batch of codes."""
+    from ..images import to_model_input
+
+    missing = sorted({lay for lay, _, _ in requests} - set(saes))
+    if missing:
+        raise ValueError(f"no SAE for layer(s) {missing}")
+    bad = sorted({img for _, _, img in requests if not 0 <= img < len(source)})
+    if bad:
+        raise ValueError(f"image(s) {bad} out of range: the image source has {len(source)} images")
+    grid = patch_grid(backbone)
+    images = sorted({img for _, _, img in requests})
+    maps: dict[tuple[int, int, int], np.ndarray] = {}
+    for start in range(0, len(images), batch_size):
+        batch = images[start : start + batch_size]
+        wanted = [r for r in requests if r[2] in batch]
+        layers = sorted({lay for lay, _, _ in wanted})
+        x = torch.stack(
+            [to_model_input(source[i], backbone.img_size, backbone.mean, backbone.std) for i in batch]
+        )
+        streams = backbone(x, layers)
+        for lay in layers:
+            patch = backbone.select_tokens(streams[lay], "patch").float()
+            with torch.no_grad():
+                codes = saes[lay].encode(patch.reshape(-1, patch.shape[-1])).reshape(*patch.shape[:2], -1)
+            for r in (r for r in wanted if r[0] == lay):
+                maps[r] = patch_activation_map(codes[batch.index(r[2])], r[1], grid)
+    return maps
 
 
 def patch_activation_map(patch_codes: torch.Tensor, latent: int, grid: tuple[int, int]) -> np.ndarray:

@@ -1,0 +1,133 @@
+"""ROI selectivity figures: an ROI's top latents, each a row of its top images with the latent's
+patch-activation map laid over them.
+
+Each image is shown as the ViT saw it (the same short-side resize and centre crop, without the
+normalisation), so the patch grid lines up with the picture. The map is upsampled bilinearly to the
+image and drawn with a colormap whose opacity grows with the activation: where the latent is silent the
+photograph shows through. One colour scale per row (0 to the row's largest activation), with its
+colorbar, so a latent's images compare with each other. Rendering is headless (a bare Agg canvas, no
+pyplot state).
+"""
+
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+PANEL_INCHES = 1.9  # one image panel
+TITLE_CHARS_PER_INCH = 9  # titles wrap to the figure width (12 pt text)
+OVERLAY_CMAP = "inferno"
+MAX_ALPHA = 0.75  # opacity of the overlay at the row's largest activation
+
+
+@dataclass
+class LatentRow:
+    """One figure row: a latent and its top images (uint8 ``[H, W, 3]``, as shown) with its ``[rows,
+    cols]`` patch-activation map on each."""
+
+    layer: int
+    latent: int
+    mean_r: float
+    image_ids: list[int]
+    images: list[np.ndarray]
+    patch_maps: list[np.ndarray]
+    note: str = ""  # appended to the row's title
+
+
+def display_image(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """uint8 ``[H, W, 3]`` -> uint8 ``[*size, 3]``: the region the model sees (its resize and centre
+    crop), at ``size`` for display."""
+    from .images import to_model_input
+
+    x = to_model_input(img, size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    return (x.permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+
+
+def upsample_patch_map(patch_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A ``[rows, cols]`` patch grid -> ``[*size]``, bilinear with pixel centres (align_corners=False)."""
+    grid = torch.as_tensor(np.asarray(patch_map, np.float64))[None, None]
+    return F.interpolate(grid, size=tuple(size), mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
+def overlay_cmap(name: str = OVERLAY_CMAP, max_alpha: float = MAX_ALPHA):
+    """``name`` with opacity rising linearly from 0 (no activation) to ``max_alpha``."""
+    from matplotlib import colormaps
+    from matplotlib.colors import ListedColormap
+
+    colours = colormaps[name](np.linspace(0, 1, 256))
+    colours[:, 3] = np.linspace(0, max_alpha, 256)
+    return ListedColormap(colours, name=f"{name}_alpha")
+
+
+def _check_rows(roi: str, rows: list[LatentRow]) -> None:
+    if not rows:
+        raise ValueError(f"ROI {roi}: no latents to draw (an ROI without voxels has no top latents)")
+    for row in rows:
+        n = len(row.image_ids)
+        if n == 0:
+            raise ValueError(f"ROI {roi}: layer {row.layer} latent {row.latent} has no images to draw")
+        if len(row.images) != n or len(row.patch_maps) != n:
+            raise ValueError(
+                f"ROI {roi}: layer {row.layer} latent {row.latent} has {n} image ids, {len(row.images)} "
+                f"images and {len(row.patch_maps)} patch maps"
+            )
+
+
+def _draw_row(subfig, row: LatentRow, n_cols: int, cmap) -> None:
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    top = max(float(np.max(m)) for m in row.patch_maps)
+    norm = Normalize(0.0, top if top > 0 else 1.0)  # a silent latent: an empty overlay, not a 0/0 scale
+    axes = subfig.subplots(1, n_cols, squeeze=False)[0]
+    for ax, image_id, img, patch_map in zip(axes, row.image_ids, row.images, row.patch_maps, strict=False):
+        ax.imshow(img)
+        ax.imshow(upsample_patch_map(patch_map, img.shape[:2]), cmap=cmap, norm=norm, interpolation="nearest")
+        ax.set_title(
+            f"image {image_id} · mean {float(np.mean(patch_map)):.2g}", fontsize=8
+        )  # the ranked value
+        ax.set_axis_off()
+    for ax in axes[len(row.image_ids) :]:  # fewer images than columns: leave the slot blank
+        ax.remove()
+    bar = subfig.colorbar(
+        ScalarMappable(norm, cmap=OVERLAY_CMAP), ax=list(axes[: len(row.image_ids)]),
+        fraction=0.025, pad=0.01,
+    )  # fmt: skip
+    bar.set_label("activation", fontsize=8)
+    bar.ax.tick_params(labelsize=7)
+    note = f" · {row.note}" if row.note else ""
+    subfig.suptitle(f"layer {row.layer} · latent {row.latent} · mean r = {row.mean_r:.3f}{note}", fontsize=10)
+
+
+def selectivity_figure(roi: str, rows: list[LatentRow], subtitle: str = "", n_voxels: int | None = None):
+    """A matplotlib ``Figure``: a title, then one row per latent of its images with the overlay."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    _check_rows(roi, rows)
+    n_cols = max(len(r.image_ids) for r in rows)
+    width = PANEL_INCHES * n_cols + 0.9
+    voxels = f"its {n_voxels} voxels" if n_voxels is not None else "the ROI's voxels"
+    title = f"{roi}: top {len(rows)} latent{'s' if len(rows) > 1 else ''} by mean r over {voxels}"
+    title = "\n".join(
+        textwrap.wrap(title, int(width * TITLE_CHARS_PER_INCH))
+        + textwrap.wrap(subtitle, int(width * TITLE_CHARS_PER_INCH))
+    )
+    header = 0.2 * (title.count("\n") + 1) + 0.15
+    fig = Figure(figsize=(width, (PANEL_INCHES + 0.35) * len(rows) + header), layout="constrained")
+    FigureCanvasAgg(fig)
+    fig.suptitle(title, fontsize=12)
+    cmap = overlay_cmap()
+    for subfig, row in zip(fig.subfigures(len(rows), 1, squeeze=False)[:, 0], rows, strict=True):
+        _draw_row(subfig, row, n_cols, cmap)
+    return fig
+
+
+def save_figure(fig, path: str | Path, dpi: int = 150) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, facecolor="white")
+    return path
