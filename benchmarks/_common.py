@@ -208,7 +208,14 @@ def table(rows: list[dict]) -> str:
 def machine_line(doc: dict) -> str:
     m, v = doc["machine"], doc["versions"]
     dev = f"{m['gpu']} ({m['gpu_mem_gib']} GiB), " if m.get("gpu") else ""
-    keys = ("copy_bw_gbs", "ours_first_call_s", "note")
+    keys = (
+        "copy_bw_gbs",
+        "ours_first_call_s",
+        "repeat_config",
+        "repeat_x_sj",
+        "repeat_ours_over_floor",
+        "note",
+    )
     extra = "".join(f", {k} {doc[k]}" for k in keys if doc.get(k) is not None)
     vers = ", ".join(f"{k} {val}" for k, val in v.items() if val)
     return (
