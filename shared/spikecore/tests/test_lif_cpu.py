@@ -53,10 +53,11 @@ def test_shapes_fp32_match_reference_exactly(T, N):
     torch.testing.assert_close(gv0, rgv0, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("T", [5, 12])  # the backward's vector and tile walks
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("soft", [False, True])
-def test_half_dtypes(dtype, soft):
-    T, N = 5, 3001
+def test_half_dtypes(dtype, soft, T):
+    N = 3001
     x, v0, gs, gv = _inputs(T, N, dtype)
     kw = dict(v_reset=None if soft else 0.0, detach_reset=True, surrogate="atan")
     (s, v), (gx, gv0, _) = _run(_cpu_fn, x, v0, 2.0, gs, gv, **kw)
@@ -108,9 +109,10 @@ def test_half_conversions_are_exact(dtype):
     assert torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16))
 
 
+@pytest.mark.parametrize("T", [6, 12])  # the backward's vector and tile walks
 @pytest.mark.parametrize("decay_input", [True, False])
-def test_per_neuron_tau_gradient(decay_input):
-    T, N = 6, 513
+def test_per_neuron_tau_gradient(decay_input, T):
+    N = 513
     x, v0, gs, gv = _inputs(T, N)
     tau = torch.rand(N) * 2 + 1.1
     kw = dict(v_reset=0.0, detach_reset=False, surrogate="sigmoid", decay_input=decay_input)

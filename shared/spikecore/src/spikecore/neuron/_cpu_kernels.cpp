@@ -3,12 +3,12 @@
 //
 // Layout: x, spikes, grad_s, grad_x are [T, N] contiguous. Two ways to walk it, chosen by T (measured on a
 // 2-core AMD EPYC, 2^20 neurons):
-// - tiles (forward always, backward for T >= 8): for a tile of contiguous neurons, each step's row is read
+// - tiles (forward always, backward for T >= 10): for a tile of contiguous neurons, each step's row is read
 //   and written as one contiguous run, with the tile's state in small arrays (L1). Long runs keep the
 //   prefetchers and DRAM pages effective when there are many rows (T = 16: 1.5-2x faster than vectors);
-// - vectors (backward for T < 8): 32 neurons at a time through the whole time loop with the state in
+// - vectors (backward for T < 10): 32 neurons at a time through the whole time loop with the state in
 //   registers. With few rows the runs matter less and the registers save the L1 traffic of the tile
-//   arrays, which AVX-512 on Zen 4 is short of (T = 4: ~1.3x faster than tiles).
+//   arrays, which AVX-512 on Zen 4 is short of (T = 4: ~1.3x faster than tiles; even at T = 8 and 10).
 // The backward recomputes H from x (nothing but x is saved) and then walks time in reverse. Every inner
 // loop runs over neurons with no branches, so the compiler turns it into SIMD instructions.
 //
@@ -32,7 +32,7 @@ namespace {
 
 constexpr int L = 32;  // neurons per vector: two AVX-512 registers of floats (measured best of 16, 32, 64)
 constexpr int kMaxBlock = 512;  // neurons per tile, at most (the per-tile arrays live on the stack)
-constexpr int64_t kMinTilesT = 8;  // the backward walks tiles from this many steps on, vectors below
+constexpr int64_t kMinTilesT = 10;  // the backward walks tiles from this many steps on, vectors below
 
 // Neurons per tile for T steps: shorter runs won at T <= 8 (128 against 512), longer ones at T = 16.
 inline int block_size(int64_t T) { return T <= 8 ? 128 : kMaxBlock; }
