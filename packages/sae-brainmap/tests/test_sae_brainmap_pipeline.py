@@ -132,6 +132,17 @@ def test_selectivity_figures_draw_each_rois_top_latents_on_the_images_the_run_us
     assert stored_total > 0
 
 
+def test_rsa_heat_maps_are_drawn_for_the_rsa_voxels_and_embedded_in_the_rsa_section(tiny_run):
+    _root, out, _cfg, _status, logs = tiny_run
+    report = (out / "report.md").read_text()
+    section = report.split("## RSA")[1].split("## Best layer")[0]
+    assert "(analysis/rsa_heatmaps.png)" in section
+    width, height = _png_size(out / "analysis" / "rsa_heatmaps.png")
+    assert width > 2.5 * height  # brain, SAE dictionary and raw-neuron baseline side by side
+    assert any("RSA heat maps rsa_heatmaps.png" in line for line in logs)
+    assert any("map best_layer.png" in line for line in logs)
+
+
 def test_rerun_skips_every_stage_and_changes_nothing(tiny_run):
     _root, out, cfg, _status, _logs = tiny_run
     before = _files(out)

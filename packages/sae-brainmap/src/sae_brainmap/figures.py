@@ -1,12 +1,15 @@
-"""ROI selectivity figures: an ROI's top latents, each a row of its top images with the latent's
-patch-activation map laid over them.
+"""Figures: ROI selectivity (an ROI's top latents, each a row of its top images with the latent's
+patch-activation map laid over them) and the RSA heat maps (voxel x voxel correlations, ordered by ROI).
 
 Each image is shown as the ViT saw it (the same short-side resize and centre crop, without the
 normalisation), so the patch grid lines up with the picture. The map is upsampled bilinearly to the
 image and drawn with a colormap whose opacity grows with the activation: where the latent is silent the
 photograph shows through. One colour scale per row (0 to the row's largest activation), with its
-colorbar, so a latent's images compare with each other. Rendering is headless (a bare Agg canvas, no
-pyplot state).
+colorbar, so a latent's images compare with each other.
+
+The RSA heat maps put the brain's ``[V, V]`` correlation matrix (over images) beside those of the models'
+dictionary activations, voxels grouped by ROI (in the run's ROI order, voxels in no listed ROI last as
+"other"), on one diverging scale [-1, 1]. Rendering is headless (a bare Agg canvas, no pyplot state).
 """
 
 import textwrap
@@ -21,6 +24,9 @@ PANEL_INCHES = 1.9  # one image panel
 TITLE_CHARS_PER_INCH = 9  # titles wrap to the figure width (12 pt text)
 OVERLAY_CMAP = "inferno"
 MAX_ALPHA = 0.75  # opacity of the overlay at the row's largest activation
+RSA_MAX_VOXELS = 500  # more would be finer than the heat map's pixels
+RSA_CMAP = "RdBu_r"
+OTHER_ROI = "other"  # voxels in no listed ROI
 
 
 @dataclass
@@ -123,6 +129,97 @@ def selectivity_figure(roi: str, rows: list[LatentRow], subtitle: str = "", n_vo
     cmap = overlay_cmap()
     for subfig, row in zip(fig.subfigures(len(rows), 1, squeeze=False)[:, 0], rows, strict=True):
         _draw_row(subfig, row, n_cols, cmap)
+    return fig
+
+
+@dataclass
+class RSAPanel:
+    """One heat map: ``[N images, V voxels]`` data (the voxels in the run's order) and its title."""
+
+    title: str
+    data: np.ndarray
+    rho: float | None = None  # Spearman rho / p of its RSA against the brain (None: the brain itself)
+    p_value: float | None = None
+
+
+def roi_voxel_order(roi: np.ndarray, roi_names: list[str]) -> tuple[np.ndarray, list[str]]:
+    """Voxel indices grouped by ROI in ``roi_names`` order (each ROI's voxels in their original order),
+    voxels in none of them last, and each ordered voxel's ROI (``OTHER_ROI`` for those)."""
+    labels = [str(r) if str(r) in roi_names else OTHER_ROI for r in roi]
+    rank = {name: i for i, name in enumerate([*roi_names, OTHER_ROI])}
+    order = np.asarray(sorted(range(len(labels)), key=lambda i: rank[labels[i]]), dtype=int)  # stable
+    return order, [labels[i] for i in order]
+
+
+def evenly_spaced(n: int, k: int) -> np.ndarray:
+    """``min(n, k)`` positions spread evenly over ``range(n)`` (deterministic, increasing)."""
+    if n <= k:
+        return np.arange(n)
+    return np.round(np.linspace(0, n - 1, k)).astype(int)
+
+
+def roi_blocks(labels: list[str]) -> list[tuple[str, int, int]]:
+    """``(roi, start, stop)`` of each run of equal labels."""
+    blocks: list[tuple[str, int, int]] = []
+    for i, label in enumerate(labels):
+        if blocks and blocks[-1][0] == label:
+            blocks[-1] = (label, blocks[-1][1], i + 1)
+        else:
+            blocks.append((label, i, i + 1))
+    return blocks
+
+
+def _draw_heatmap(ax, corr: np.ndarray, blocks: list[tuple[str, int, int]], title: str):
+    image = ax.imshow(corr, cmap=RSA_CMAP, vmin=-1, vmax=1, interpolation="nearest")
+    for _, start, _ in blocks[1:]:  # thin lines between ROI blocks
+        ax.axhline(start - 0.5, color="black", linewidth=0.5)
+        ax.axvline(start - 0.5, color="black", linewidth=0.5)
+    centres = [(start + stop - 1) / 2 for _, start, stop in blocks]
+    names = [name for name, _, _ in blocks]
+    ax.set_xticks(centres, names, rotation=90, fontsize=7)
+    ax.set_yticks(centres, names, fontsize=7)
+    ax.tick_params(length=0)
+    ax.set_title(title, fontsize=10)
+    return image
+
+
+def _panel_title(panel: RSAPanel) -> str:
+    if panel.rho is None:
+        return panel.title
+    return f"{panel.title}\nSpearman rho {panel.rho:.3f}, p {panel.p_value:.3g} vs brain"
+
+
+def rsa_heatmap_figure(
+    panels: list[RSAPanel], roi: np.ndarray, roi_names: list[str], max_voxels: int = RSA_MAX_VOXELS
+):
+    """A matplotlib ``Figure``: each panel's ``[V, V]`` correlation matrix over images, side by side,
+    voxels ordered by ROI (``roi``: each voxel's ROI), at most ``max_voxels`` of them (evenly spaced in
+    that order, which keeps every ROI's share)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    n_voxels = len(roi)
+    for panel in panels:
+        if panel.data.ndim != 2 or panel.data.shape[1] != n_voxels:
+            raise ValueError(f"{panel.title}: data {panel.data.shape} is not [N images, {n_voxels} voxels]")
+    order, labels = roi_voxel_order(roi, roi_names)
+    keep = evenly_spaced(n_voxels, max_voxels)
+    order, labels = order[keep], [labels[i] for i in keep]
+    blocks = roi_blocks(labels)
+    fig = Figure(figsize=(4.2 * len(panels) + 0.8, 5.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, panel in zip(axes, panels, strict=True):
+        corr = np.corrcoef(np.asarray(panel.data, np.float64)[:, order], rowvar=False)
+        image = _draw_heatmap(ax, corr, blocks, _panel_title(panel))
+    fig.colorbar(image, ax=list(axes), fraction=0.02, pad=0.01).set_label("Pearson r over images")
+    shown = (
+        f"{len(order)} voxels"
+        if len(order) == n_voxels
+        else f"{len(order)} of {n_voxels} voxels (evenly spaced)"
+    )
+    n_images = panels[0].data.shape[0]
+    fig.suptitle(f"Voxel x voxel correlations over {n_images} images: {shown}, ordered by ROI", fontsize=12)
     return fig
 
 

@@ -37,6 +37,7 @@ from .run_config import RunConfig, algonauts_rois, check_inputs
 VERSION = 2  # bump when a stage's outputs change meaning (2: seeded random backbone, selectivity figures)
 STAGES = ("activations", "brain", "dictionary", "analysis", "maps", "report")
 SELECTIVITY_MAPS = "selectivity_maps.npz"  # maps/: the patch maps the selectivity figures draw
+RSA_HEATMAPS = "rsa_heatmaps.png"  # analysis/: the ROI-ordered correlation matrices the RSA compares
 FSAVERAGE_MAPS = "fsaverage_maps.npz"  # maps/: the fsaverage vectors the surface maps draw (Algonauts)
 TRAINING_IMAGES = "training_split/training_images"  # an Algonauts subject's stimuli
 DISPLAY_PX = 224  # images in the selectivity figures are shown at least this large
@@ -527,6 +528,10 @@ def _analysis(c: RunConfig, root: Path, out: Path, log) -> list[str]:
         res = rsa(responses[:, idx], d.activations.numpy()[:, idx], a.rsa_permutations, a.seed)
         numbers["rsa"][name] = {"rho": res.rho, "p_value": res.p_value}
         log(f"  RSA {name}: rho {res.rho:.3f}, p {res.p_value:.4f}")
+    (out / RSA_HEATMAPS).unlink(missing_ok=True)  # none stale from an earlier run
+    if len(idx):
+        _rsa_heatmaps(out / RSA_HEATMAPS, responses[:, idx], sae, raw, idx, roi[idx], rois, numbers["rsa"])
+        log(f"  RSA heat maps {RSA_HEATMAPS}")
 
     # hierarchy
     resp_t = torch.from_numpy(responses)
@@ -613,6 +618,20 @@ def _analysis(c: RunConfig, root: Path, out: Path, log) -> list[str]:
     return [p.name for p in out.iterdir() if p.is_file() and p.name != "manifest.json"]
 
 
+def _rsa_heatmaps(path: Path, brain: np.ndarray, sae, raw, idx: np.ndarray, roi: np.ndarray,
+                  rois: list[str], numbers: dict) -> None:  # fmt: skip
+    """The brain's, the SAE dictionary's and the raw-neuron baseline's voxel x voxel correlation matrices
+    over the RSA's voxels (``idx``), side by side and ordered by ROI."""
+    from .figures import RSAPanel, rsa_heatmap_figure, save_figure
+
+    def model(title: str, d, key: str) -> RSAPanel:
+        return RSAPanel(title, d.activations.numpy()[:, idx], numbers[key]["rho"], numbers[key]["p_value"])
+
+    panels = [RSAPanel("brain responses", brain), model("SAE voxel dictionary", sae, "sae_dictionary"),
+              model("raw-neuron baseline", raw, "neuron_baseline")]  # fmt: skip
+    save_figure(rsa_heatmap_figure(panels, roi, rois), path, dpi=120)
+
+
 def _maps(c: RunConfig, root: Path, out: Path, log) -> list[str]:
     for old in [*out.glob("*.png"), out / SELECTIVITY_MAPS, out / FSAVERAGE_MAPS]:  # nothing stale
         old.unlink(missing_ok=True)
@@ -670,7 +689,7 @@ def _map_specs(c: RunConfig, root: Path, log) -> list[MapSpec]:
 
 
 def _flatmaps(c: RunConfig, root: Path, out: Path, log) -> list[str]:
-    """The maps on the subject's pycortex flatmap (volume data)."""
+    """The maps on the subject's pycortex flatmap (volume data), with the subject's ROIs outlined."""
     from .maps import flatmap_png
 
     if not c.maps.enabled or c.maps.subject is None:
@@ -678,10 +697,13 @@ def _flatmaps(c: RunConfig, root: Path, out: Path, log) -> list[str]:
         return []
     with np.load(root / "brain" / "responses.npz", allow_pickle=False) as f:
         vox, shape = f["voxels_full"], tuple(int(s) for s in f["volume_shape"])
+        roi, names = f["roi"], [str(r) for r in f["roi_names"]]
+    rois = {r: roi == r for r in names if (roi == r).any()}
     made = []
     for m in _map_specs(c, root, log):
         path = flatmap_png(m.values, vox, shape, out / f"{m.name}.png", m.title, subject=c.maps.subject,
-                           xfm=c.maps.xfm, cmap=m.cmap, vmin=m.vmin, vmax=m.vmax, label=m.label)  # fmt: skip
+                           xfm=c.maps.xfm, cmap=m.cmap, vmin=m.vmin, vmax=m.vmax, label=m.label,
+                           rois=rois)  # fmt: skip
         made.append(path.name)
         log(f"  map {path.name}")
     return made
@@ -875,6 +897,14 @@ def _selectivity_figure_links(figures: dict[str, str | None], rois: list[str]) -
     return lines
 
 
+def _rsa_heatmap_lines(root: Path) -> list[str]:
+    """Markdown for the RSA heat maps (none when there were too few voxels to draw them)."""
+    if not (root / "analysis" / RSA_HEATMAPS).is_file():
+        return []
+    return ["Voxel x voxel correlations over images, voxels ordered by ROI (the matrices the RSA compares):",
+            "", f"![RSA: ROI-ordered voxel x voxel correlations](analysis/{RSA_HEATMAPS})", ""]  # fmt: skip
+
+
 def _encoding_lines(e: dict, rois: list[str]) -> list[str]:
     ceiling = (
         f"; median R^2 / noise ceiling {_fmt(e['median_r2_over_ceiling'])} "
@@ -946,6 +976,7 @@ def _report(c: RunConfig, root: Path, out: Path, log) -> list[str]:
           f"{_fmt(r['sae_dictionary']['p_value'])} |",
           f"| raw-neuron baseline | {_fmt(r['neuron_baseline']['rho'])} | "
           f"{_fmt(r['neuron_baseline']['p_value'])} |", ""]  # fmt: skip
+    L += _rsa_heatmap_lines(root)
     h = numbers["hierarchy"]
     head = "| ROI | " + " | ".join(f"L{lay}" for lay in layers) + " |"
     sep = "|---" * (len(layers) + 1) + "|"
