@@ -228,72 +228,9 @@ inline __attribute__((always_inline)) void surrogate_row(int sid, const float* h
   }
 }
 
-// One vector: neurons [j0, j0 + n), n <= L, all T steps in reverse, state in registers. hs: T x L floats.
-template <typename scalar_t, bool SOFT, bool DECAY>
-void backward_vector(const Params& p, int sid, const scalar_t* __restrict__ x, const scalar_t* __restrict__ gs,
-                     const float* __restrict__ grad_v, const float* __restrict__ v_init, scalar_t* __restrict__ gx,
-                     float* __restrict__ gv_out, float* __restrict__ gtau_out, float* __restrict__ hs, int64_t j0,
-                     int n) {
-  // Locals, not p's fields: a store could otherwise alias them and stop vectorisation.
-  const float vth = p.vth, vr = p.vr, alpha = p.alpha;
-  const int64_t T = p.T, N = p.N;
-  // gH = (gS + gV * (cm * (V_reset - H) + ca)) * sg + gV * keep covers the four reset/detach cases.
-  const float cm = (!SOFT && !p.detach) ? 1.f : 0.f;
-  const float ca = (SOFT && !p.detach) ? -vth : 0.f;
-  float v[L], tau[L], carry[L], decay[L], inv_tdiv[L], gtau[L], sg[L], gh[L], gsf[L];
-  load_tau(p, j0, n, tau);
-  for (int l = 0; l < n; ++l) {
-    v[l] = v_init ? v_init[j0 + l] : 0.f;
-    carry[l] = grad_v ? grad_v[j0 + l] : 0.f;
-    decay[l] = 1.f - 1.f / tau[l];
-    inv_tdiv[l] = DECAY ? 1.f / tau[l] : 1.f;
-    gtau[l] = 0.f;
-  }
-  // Recompute H for every step (the forward's arithmetic).
-  for (int64_t t = 0; t < T; ++t) {
-    const scalar_t* __restrict__ xr = x + t * N + j0;
-    float* __restrict__ hr = hs + t * L;
-#pragma omp simd
-    for (int l = 0; l < n; ++l) {
-      const float h = charge<DECAY>(v[l], to_f(xr[l]), tau[l], vr);
-      hr[l] = h;
-      v[l] = after_spike<SOFT>(h, vth, vr);
-    }
-  }
-  for (int64_t t = T - 1; t >= 0; --t) {
-    const float* __restrict__ hr = hs + t * L;
-    const scalar_t* __restrict__ gr = gs + t * N + j0;
-    scalar_t* __restrict__ gxr = gx + t * N + j0;
-    surrogate_row(sid, hr, vth, alpha, sg, n);
-    for (int l = 0; l < n; ++l) gsf[l] = to_f(gr[l]);
-#pragma omp simd
-    for (int l = 0; l < n; ++l) {
-      const float gv = carry[l];
-      const float keep = (SOFT || (hr[l] - vth) < 0.f) ? 1.f : 0.f;
-      const float g = (gsf[l] + gv * (cm * (vr - hr[l]) + ca)) * sg[l] + gv * keep;
-      carry[l] = g * decay[l];
-      gh[l] = g;
-    }
-    for (int l = 0; l < n; ++l) gxr[l] = scalar_t(gh[l] * inv_tdiv[l]);
-    if (gtau_out) {
-      // dH/dtau = -(X - (V_prev - V_reset)) / tau^2 (decay_input) or (V_prev - V_reset) / tau^2.
-      const scalar_t* xr = x + t * N + j0;
-      for (int l = 0; l < n; ++l) {
-        const float vp = t > 0 ? after_spike<SOFT>(hs[(t - 1) * L + l], vth, vr) : (v_init ? v_init[j0 + l] : 0.f);
-        const float t2 = tau[l] * tau[l];
-        const float dh = DECAY ? -(to_f(xr[l]) - (vp - vr)) / t2 : (vp - vr) / t2;
-        gtau[l] += gh[l] * dh;
-      }
-    }
-  }
-  for (int l = 0; l < n; ++l) gv_out[j0 + l] = carry[l];
-  if (gtau_out) {
-    for (int l = 0; l < n; ++l) gtau_out[j0 + l] = gtau[l];
-  }
-}
-
-// One tile: neurons [j0, j0 + n), all T steps in reverse. hs: scratch of T x kMaxBlock floats.
-template <typename scalar_t, bool SOFT, bool DECAY>
+// Neurons [j0, j0 + n), n <= W, all T steps in reverse; hs: scratch of T x W floats. W = L (a vector: with
+// n == L known at compile time the state arrays live in registers) or kMaxBlock (a tile).
+template <typename scalar_t, bool SOFT, bool DECAY, int W>
 void backward_block(const Params& p, int sid, const scalar_t* __restrict__ x, const scalar_t* __restrict__ gs,
                     const float* __restrict__ grad_v, const float* __restrict__ v_init, scalar_t* __restrict__ gx,
                     float* __restrict__ gv_out, float* __restrict__ gtau_out, float* __restrict__ hs, int64_t j0,
@@ -304,8 +241,8 @@ void backward_block(const Params& p, int sid, const scalar_t* __restrict__ x, co
   // gH = (gS + gV * (cm * (V_reset - H) + ca)) * sg + gV * keep covers the four reset/detach cases.
   const float cm = (!SOFT && !p.detach) ? 1.f : 0.f;
   const float ca = (SOFT && !p.detach) ? -vth : 0.f;
-  alignas(64) float v[kMaxBlock], tau[kMaxBlock], carry[kMaxBlock], decay[kMaxBlock], inv_tdiv[kMaxBlock],
-      gtau[kMaxBlock], sg[kMaxBlock], gh[kMaxBlock];
+  alignas(64) float v[W], tau[W], carry[W], decay[W], inv_tdiv[W],
+      gtau[W], sg[W], gh[W];
   load_tau(p, j0, n, tau);
   for (int l = 0; l < n; ++l) {
     v[l] = v_init ? v_init[j0 + l] : 0.f;
@@ -317,7 +254,7 @@ void backward_block(const Params& p, int sid, const scalar_t* __restrict__ x, co
   // Recompute H for every step (the forward's arithmetic).
   for (int64_t t = 0; t < T; ++t) {
     const scalar_t* __restrict__ xr = x + t * N + j0;
-    float* __restrict__ hr = hs + t * kMaxBlock;
+    float* __restrict__ hr = hs + t * W;
 #pragma omp simd
     for (int l = 0; l < n; ++l) {
       const float h = charge<DECAY>(v[l], to_f(xr[l]), tau[l], vr);
@@ -326,7 +263,7 @@ void backward_block(const Params& p, int sid, const scalar_t* __restrict__ x, co
     }
   }
   for (int64_t t = T - 1; t >= 0; --t) {
-    const float* __restrict__ hr = hs + t * kMaxBlock;
+    const float* __restrict__ hr = hs + t * W;
     const scalar_t* __restrict__ gr = gs + t * N + j0;
     scalar_t* __restrict__ gxr = gx + t * N + j0;
     surrogate_row(sid, hr, vth, alpha, sg, n);
@@ -355,7 +292,7 @@ void backward_block(const Params& p, int sid, const scalar_t* __restrict__ x, co
       // dH/dtau = -(X - (V_prev - V_reset)) / tau^2 (decay_input) or (V_prev - V_reset) / tau^2.
       const scalar_t* xr = x + t * N + j0;
       for (int l = 0; l < n; ++l) {
-        const float vp = t > 0 ? after_spike<SOFT>(hs[(t - 1) * kMaxBlock + l], vth, vr)
+        const float vp = t > 0 ? after_spike<SOFT>(hs[(t - 1) * W + l], vth, vr)
                                : (v_init ? v_init[j0 + l] : 0.f);
         const float t2 = tau[l] * tau[l];
         const float dh = DECAY ? -(to_f(xr[l]) - (vp - vr)) / t2 : (vp - vr) / t2;
@@ -451,7 +388,7 @@ void lif_bwd(torch::Tensor grad_s, c10::optional<torch::Tensor> grad_v, torch::T
           for (int64_t b = b0; b < b1; ++b) {
             const int64_t j0 = b * block;
             const int n = int(std::min<int64_t>(block, p.N - j0));
-            backward_block<scalar_t, SOFT, DECAY>(p, sid, xp, gp, gv, v0, gxp, gvo, gtau, hs.data(), j0, n);
+            backward_block<scalar_t, SOFT, DECAY, kMaxBlock>(p, sid, xp, gp, gv, v0, gxp, gvo, gtau, hs.data(), j0, n);
           }
         });
         return;
@@ -462,9 +399,9 @@ void lif_bwd(torch::Tensor grad_s, c10::optional<torch::Tensor> grad_v, torch::T
           const int64_t j0 = b * L;
           const int n = int(std::min<int64_t>(L, p.N - j0));
           if (n == L) {
-            backward_vector<scalar_t, SOFT, DECAY>(p, sid, xp, gp, gv, v0, gxp, gvo, gtau, hs.data(), j0, L);
+            backward_block<scalar_t, SOFT, DECAY, L>(p, sid, xp, gp, gv, v0, gxp, gvo, gtau, hs.data(), j0, L);
           } else {
-            backward_vector<scalar_t, SOFT, DECAY>(p, sid, xp, gp, gv, v0, gxp, gvo, gtau, hs.data(), j0, n);
+            backward_block<scalar_t, SOFT, DECAY, L>(p, sid, xp, gp, gv, v0, gxp, gvo, gtau, hs.data(), j0, n);
           }
         }
       });
