@@ -31,10 +31,9 @@ def test_fsaverage5_is_the_first_10242_vertices_of_fsaverage():
     midpoints of fsaverage5's edges; the fsaverage5 vertices nearest to such a midpoint and to its
     fsaverage7 neighbours are that edge's two ends. Every pair recovered that way must be an edge of
     nilearn's fsaverage5 mesh under the identity map (a random relabelling matches ~15 of 25,000)."""
-    spec = importlib.util.find_spec("cortex")
-    table = Path(spec.origin).parent / "data" / "upsample_fsaverage_neighbors.npz" if spec else None
-    if table is None or not table.is_file():
-        pytest.skip("pycortex's bundled fsaverage neighbour tables are not installed")
+    spec = importlib.util.find_spec("cortex")  # pycortex is a locked dependency: its table must be there
+    table = Path(spec.origin).parent / "data" / "upsample_fsaverage_neighbors.npz"
+    assert table.is_file(), f"pycortex no longer ships {table.name}; this check needs another reference"
     n6_count = 40_962
     with np.load(table) as t:
         for pc_hemi, hemi in (("lh", "left"), ("rh", "right")):
