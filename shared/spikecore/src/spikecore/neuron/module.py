@@ -5,7 +5,7 @@ import math
 import torch
 from torch import nn
 
-from .ops import BACKENDS, lif_multi_step
+from .ops import BACKENDS, _lif_multi_step, lif_multi_step
 
 
 class LIF(nn.Module):
@@ -17,8 +17,12 @@ class LIF(nn.Module):
     from the carried state raises instead of silently broadcasting, which catches a forgotten reset at
     the first new batch size.
 
-    ``learnable_tau=True`` gives a PLIF neuron: ``tau = 1 / sigmoid(w)`` with one learnable ``w``
-    initialised so that ``tau`` starts at the given value.
+    ``tau`` is one float > 0 (a 1-element tensor is taken as its float; for a per-neuron tau call
+    :func:`spikecore.lif_multi_step` with a tensor). ``learnable_tau=True`` gives a PLIF neuron:
+    ``tau = 1 / sigmoid(w)`` with one learnable ``w`` initialised so that ``tau`` starts at the given value,
+    which must then be finite and > 1. The tau rule is checked here, once: ``1 / sigmoid(w)`` is >= 1 for
+    any non-NaN ``w``, so ``forward`` does not re-check the learnable tau's value (on CUDA that would cost a
+    host sync every step); a NaN ``w`` from diverged training is left to the loss to show.
     """
 
     def __init__(
@@ -36,8 +40,15 @@ class LIF(nn.Module):
         store_v_seq: bool = False,
     ):
         super().__init__()
-        if learnable_tau and not tau > 1:
-            raise ValueError(f"learnable_tau needs an initial tau > 1, got {tau}")
+        if isinstance(tau, torch.Tensor):
+            if tau.numel() != 1:
+                raise TypeError(
+                    f"LIF takes one float tau, got a tensor of shape {tuple(tau.shape)}; for a per-neuron "
+                    "tau call spikecore.lif_multi_step(x, tau=tensor)"
+                )
+            tau = tau.item()
+        if learnable_tau and not (tau > 1 and math.isfinite(tau)):
+            raise ValueError(f"learnable_tau needs a finite initial tau > 1, got {tau}")
         self.v_threshold = v_threshold
         self.v_reset = v_reset
         self.decay_input = decay_input
@@ -98,8 +109,14 @@ class LIF(nn.Module):
                     f"{tuple(x.shape[1:])}: call reset() (or spikecore.reset(model)) between batches"
                 )
             v_init = self.v
-        out = lif_multi_step(
-            x, v_init, **self.options(), decay_input=self.decay_input, store_v_seq=self.store_v_seq
+        # The tau was validated in __init__ (see the class docstring), so its value is not re-checked here.
+        out = _lif_multi_step(
+            x,
+            v_init,
+            **self.options(),
+            decay_input=self.decay_input,
+            store_v_seq=self.store_v_seq,
+            check_tau_values=False,
         )
         spikes, v_final = out[0], out[1]
         if self.store_v_seq:

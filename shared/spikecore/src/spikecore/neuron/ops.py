@@ -21,7 +21,7 @@ import os
 
 import torch
 
-from .reference import lif_reference
+from .reference import check_tau_shape, lif_reference
 from .surrogate import resolve
 
 BACKENDS = ("auto", "triton", "cpu", "torch")
@@ -236,15 +236,37 @@ def _choose_backend(x: torch.Tensor, backend: str) -> str:
     return backend
 
 
-def _per_neuron(value: torch.Tensor, name: str, neuron_shape: torch.Size, n: int) -> torch.Tensor:
-    try:
-        expanded = value.expand(neuron_shape)
-    except RuntimeError:
-        raise ValueError(
-            f"{name} of shape {tuple(value.shape)} does not broadcast to the neuron shape "
-            f"{tuple(neuron_shape)} (x.shape[1:])"
-        ) from None
-    return expanded.reshape(n).float().contiguous()
+def _tracing() -> bool:
+    """Under torch.compile or a functorch transform (vmap, grad) tensors carry no values to check."""
+    return torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+
+
+def _check_tau_values(tau: torch.Tensor) -> None:
+    """A tensor tau obeys the float rule, ``tau > 0`` (inf allowed, NaN not), at every element. One
+    reduction on tau's own device: a device-to-host sync when tau is a CUDA tensor."""
+    with torch.no_grad():
+        bad = ~(tau.detach() > 0)  # NaN compares False, so it is caught too
+        n_bad = int(bad.sum())
+        if n_bad:
+            shown = ", ".join(str(v) for v in tau.detach()[bad][:5].tolist())
+            raise ValueError(
+                f"tau must be positive (> 0, inf allowed; NaN is not), but the tensor tau of shape "
+                f"{tuple(tau.shape)} has {n_bad} of {tau.numel()} values that are not: "
+                f"{shown}{', ...' if n_bad > 5 else ''}"
+            )
+
+
+def _check_tau(tau: float | torch.Tensor, neuron_shape: torch.Size, check_values: bool) -> None:
+    """One tau rule for every backend (``torch``, ``cpu``, ``triton``): a float or every element of a tensor
+    must be > 0 (NaN refused, inf allowed), and a tensor must broadcast to ``x.shape[1:]``."""
+    if isinstance(tau, torch.Tensor):
+        if not tau.is_floating_point():
+            raise TypeError(f"a tensor tau must be floating point, got {tau.dtype}")
+        check_tau_shape(tau, neuron_shape)
+        if check_values and not _tracing() and tau.device.type != "meta":
+            _check_tau_values(tau)
+    elif not float(tau) > 0:
+        raise ValueError(f"tau must be positive (> 0, inf allowed; NaN is not), got {tau}")
 
 
 def lif_multi_step(
@@ -265,11 +287,51 @@ def lif_multi_step(
 
     Returns ``(spikes, v_final)``, or ``(spikes, v_final, v_seq)`` with ``store_v_seq=True``.
     ``spikes`` has x's shape and dtype; ``v_final`` (shape ``x.shape[1:]``) and ``v_seq`` are float32
-    (float64 for float64 input). ``v_reset=None`` is a soft reset. ``tau`` may be a tensor broadcastable to
-    ``x.shape[1:]`` (PLIF); it then receives a gradient. ``v_seq`` is for analysis and carries no gradient.
-    ``backend``: ``"auto"`` (Triton on CUDA, the fused numba kernel on CPU, the reference loop for float64),
-    ``"triton"``, ``"cpu"`` or ``"torch"`` (the plain reference loop).
+    (float64 for float64 input). ``v_reset=None`` is a soft reset. ``v_seq`` is for analysis and carries no
+    gradient. ``backend``: ``"auto"`` (Triton on CUDA, the fused numba kernel on CPU, the reference loop for
+    float64), ``"triton"``, ``"cpu"`` or ``"torch"`` (the plain reference loop).
+
+    ``tau`` must be > 0 (inf allowed: no leak with ``decay_input=False``; NaN refused), as a float or, for a
+    floating-point tensor (PLIF), at every element; the tensor then receives a gradient. A tensor tau must
+    broadcast to the neuron shape ``x.shape[1:]`` without adding dimensions (0-d, one per neuron, one per
+    channel ``[C, 1, 1]``, ...), on every backend; a per-time-step ``[T, ...]`` tau is refused. Checking a
+    tensor tau's values costs one reduction (a host sync for a CUDA tau) per call, and is skipped under
+    ``torch.compile`` and functorch transforms, where tensors have no values yet. ``spikecore.LIF`` with
+    ``learnable_tau`` skips it: its ``tau = 1 / sigmoid(w)`` is >= 1 for every non-NaN ``w`` by construction.
     """
+    return _lif_multi_step(
+        x,
+        v_init,
+        tau=tau,
+        v_threshold=v_threshold,
+        v_reset=v_reset,
+        decay_input=decay_input,
+        detach_reset=detach_reset,
+        surrogate=surrogate,
+        alpha=alpha,
+        backend=backend,
+        store_v_seq=store_v_seq,
+        check_tau_values=True,
+    )
+
+
+def _lif_multi_step(
+    x,
+    v_init,
+    *,
+    tau,
+    v_threshold,
+    v_reset,
+    decay_input,
+    detach_reset,
+    surrogate,
+    alpha,
+    backend,
+    store_v_seq,
+    check_tau_values,
+):
+    """``lif_multi_step``; ``check_tau_values=False`` is for callers whose tensor tau is valid by
+    construction (``LIF``'s learnable ``1 / sigmoid(w)``): its shape and dtype are still checked."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
@@ -277,13 +339,11 @@ def lif_multi_step(
     if x.dim() < 1 or x.shape[0] == 0:
         raise ValueError(f"x must have shape [T, ...] with T >= 1, got {tuple(x.shape)}")
     surr, alpha = resolve(surrogate, alpha)
-    if isinstance(tau, torch.Tensor):
-        if not tau.is_floating_point():
-            raise TypeError(f"a tensor tau must be floating point, got {tau.dtype}")
-    elif not float(tau) > 0:
-        raise ValueError(f"tau must be positive, got {tau}")
-    backend = _choose_backend(x, backend)
     neuron_shape = x.shape[1:]
+    _check_tau(tau, neuron_shape, check_tau_values)
+    if isinstance(tau, torch.Tensor):
+        tau = tau.to(x.device)  # differentiable: the gradient reaches tau where it lives
+    backend = _choose_backend(x, backend)
     if v_init is not None:
         if not isinstance(v_init, torch.Tensor) or not v_init.is_floating_point():
             raise TypeError("v_init must be a floating-point tensor shaped like x.shape[1:]")
@@ -316,7 +376,7 @@ def lif_multi_step(
     tau_t = None
     tau_f = 2.0
     if isinstance(tau, torch.Tensor):
-        tau_t = _per_neuron(tau.to(x.device), "tau", neuron_shape, n)
+        tau_t = tau.expand(neuron_shape).reshape(n).float().contiguous()  # shape checked above
     else:
         tau_f = float(tau)
     soft = v_reset is None

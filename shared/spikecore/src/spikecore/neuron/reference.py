@@ -11,6 +11,24 @@ import torch
 from .surrogate import heaviside
 
 
+def check_tau_shape(tau: torch.Tensor, neuron_shape: torch.Size) -> None:
+    """The tau shapes every backend takes: one that broadcasts to the neuron shape ``x.shape[1:]`` without
+    adding dimensions (``tau.expand(x.shape[1:])`` works): a 0-d tensor, one per neuron, or e.g. one per
+    channel ``[C, 1, 1]`` of ``[T, B, C, H, W]`` input. Anything else (a per-time-step ``[T, ...]`` tau, a
+    leading batch dimension the neuron shape lacks) would change the output's shape, so it is refused."""
+    if tau.dim() <= len(neuron_shape):
+        try:
+            tau.expand(neuron_shape)
+            return
+        except RuntimeError:
+            pass
+    raise ValueError(
+        f"tau of shape {tuple(tau.shape)} does not broadcast to the neuron shape {tuple(neuron_shape)} "
+        "(x.shape[1:]); a tensor tau must be 0-d or broadcast to x.shape[1:] without extra dimensions "
+        "(one value per neuron or per channel; a per-time-step [T, ...] tau is not supported)"
+    )
+
+
 def lif_reference(
     x: torch.Tensor,
     v_init: torch.Tensor | None = None,
@@ -29,8 +47,12 @@ def lif_reference(
 
     Returns ``(spikes, v_final)`` or ``(spikes, v_final, v_seq)``; spikes in x's dtype, v in the
     compute dtype (float32, or float64 for float64 input). ``spike_fn`` replaces the Heaviside (the
-    gradient checks pass a smooth primitive here).
+    gradient checks pass a smooth primitive here). A tensor ``tau`` must broadcast to ``x.shape[1:]``
+    (:func:`check_tau_shape`), so the outputs always have x's shape; its values are not checked here (the
+    oracle runs whatever it is given): ``lif_multi_step`` refuses a tau that is not > 0.
     """
+    if isinstance(tau, torch.Tensor):
+        check_tau_shape(tau, x.shape[1:])
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     xc = x.to(compute)
     if spike_fn is None:
