@@ -6,9 +6,11 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import yaml
+from spikecore_testing import refuse_crafted_checkpoints
 
 from sae_brainmap import BrainMapSAE, load_sae
 from sae_brainmap.cli import run
+from spikecore.train import last_checkpoint
 from spikecore.train.checkpoint import CheckpointError
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -104,7 +106,7 @@ def test_checkpoint_resume_continues_and_bad_checkpoints_fail_clearly(tmp_path):
     config = CONFIGS / "clip_vitb16_imagenet_relu_l1.yaml"
     over = tiny_override(config, tmp_path)
     cli = run(["fit", "--config", str(config), "--config", str(over), "--trainer.max_epochs", "1"])
-    last = Path(cli.trainer.checkpoint_callback.last_model_path)
+    last = last_checkpoint(cli.trainer)
     assert cli.trainer.global_step == 2 and last.is_file()
     assert not any(k.startswith("backbone.") for k in torch.load(last, weights_only=True)["state_dict"])
     resumed = run(
@@ -137,3 +139,14 @@ def test_checkpoint_resume_continues_and_bad_checkpoints_fail_clearly(tmp_path):
     )
     with pytest.raises(CheckpointError, match="does not fit these SAEs"):
         trainer.fit(other, loader, ckpt_path=str(last))
+
+
+def test_a_checkpoint_named_in_a_config_file_runs_nothing(tmp_path):
+    """`sae-brainmap fit` with a crafted checkpoint from disk or a loopback URL named in a config file
+    (which LightningCLI would hand to the trainer): one line, exit 2, no request, no code run, no output."""
+    config = CONFIGS / "clip_vitb16_imagenet_relu_l1.yaml"
+    common = ["--config", str(config), "--config", str(tiny_override(config, tmp_path))]
+    refuse_crafted_checkpoints(
+        tmp_path, "sae_brainmap", lambda source, named: [["fit", *common, "--config", named]]
+    )
+    assert not (tmp_path / "store").exists()

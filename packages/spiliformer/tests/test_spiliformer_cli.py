@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from spikecore_testing import refuse_crafted_checkpoints
 from spiliformer_testing import CONFIGS, tiny_override
 
+from spikecore.train import last_checkpoint
 from spiliformer import SpiLiFormer
 from spiliformer.cli import run as main
 
@@ -95,7 +97,7 @@ def trained(tmp_path_factory):
 
 def test_checkpoint_round_trip_gives_the_same_predictions(trained):
     cli, over, _ = trained
-    ckpt = Path(cli.trainer.checkpoint_callback.last_model_path)
+    ckpt = last_checkpoint(cli.trainer)
     assert ckpt.is_file()
     x = torch.rand(3, 3, 16, 16)
     with torch.no_grad():
@@ -109,7 +111,7 @@ def test_checkpoint_round_trip_gives_the_same_predictions(trained):
 
 def test_resume_after_interruption_continues_where_it_stopped(trained):
     cli, over, _ = trained
-    last = Path(cli.trainer.checkpoint_callback.last_model_path)
+    last = last_checkpoint(cli.trainer)
     assert cli.trainer.global_step == 3
     args = ["fit", "--config", str(CIFAR), "--config", str(over), "--trainer.max_epochs", "2"]
     resumed = main([*args, "--ckpt_path", str(last)])
@@ -119,7 +121,7 @@ def test_resume_after_interruption_continues_where_it_stopped(trained):
 
 def test_analyze_writes_the_measures(trained, tmp_path):
     cli, over, _ = trained
-    ckpt = cli.trainer.checkpoint_callback.last_model_path
+    ckpt = str(last_checkpoint(cli.trainer))
     out = tmp_path / "analysis"
     base = ["analyze", "--config", str(CIFAR), "--config", str(over), "--ckpt_path", ckpt]
     res = main([*base, "--out", str(out), "--max_batches", "2"])
@@ -168,3 +170,18 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "world_size=2" in proc.stderr + proc.stdout or "GLOBAL_RANK: 1" in proc.stderr + proc.stdout
     assert list((tmp_path / "runs").rglob("last.ckpt"))
+
+
+def test_a_checkpoint_named_in_a_config_file_runs_nothing(tmp_path):
+    """A crafted checkpoint, from disk or a loopback URL, named in a config file (which LightningCLI would
+    hand to the trainer) or given to analyze: refused with one line and exit 2, no request, no code run."""
+    config = CIFAR
+    common = ["--config", str(config), "--config", str(tiny_override(config, tmp_path))]
+    refuse_crafted_checkpoints(
+        tmp_path,
+        "spiliformer",
+        lambda source, named: [
+            ["validate", *common, "--config", named],
+            ["analyze", *common, "--ckpt_path", source],
+        ],
+    )

@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from spikecore_testing import refuse_crafted_checkpoints
 from tdformer_testing import CONFIGS, tiny_override
 
+from spikecore.train import last_checkpoint
 from tdformer.cli import run as main
 
 CONFIG_FILES = sorted(p for p in CONFIGS.glob("*.yaml") if p.name != "demo.yaml")
@@ -60,7 +62,7 @@ def _fit(tmp_path: Path, *extra: str, **trainer):
 
 def test_checkpoint_round_trip_gives_the_same_predictions(tmp_path):
     cli, config, over = _fit(tmp_path, "--trainer.max_epochs", "1")
-    ckpt = Path(cli.trainer.checkpoint_callback.last_model_path)
+    ckpt = last_checkpoint(cli.trainer)
     assert ckpt.is_file()
     x = torch.rand(3, 3, 16, 16)
     trained = cli.model.eval()
@@ -76,7 +78,7 @@ def test_checkpoint_round_trip_gives_the_same_predictions(tmp_path):
 
 def test_resume_after_interruption_continues_where_it_stopped(tmp_path):
     cli, config, over = _fit(tmp_path, "--trainer.max_epochs", "1", "--trainer.logger", "false")
-    last = Path(cli.trainer.checkpoint_callback.last_model_path)
+    last = last_checkpoint(cli.trainer)
     steps_one_epoch = cli.trainer.global_step
     assert steps_one_epoch == 3
     resumed = main(
@@ -148,7 +150,7 @@ def test_config_typo_is_reported(tmp_path, capsys):
 
 def test_analyze_writes_the_measures(tmp_path):
     cli, config, over = _fit(tmp_path, "--trainer.max_epochs", "1")
-    ckpt = cli.trainer.checkpoint_callback.last_model_path
+    ckpt = str(last_checkpoint(cli.trainer))
     out = tmp_path / "analysis"
     res = main(
         [
@@ -218,3 +220,18 @@ def test_missing_dataset_is_one_message_not_a_traceback(tmp_path):
     assert proc.returncode == 2
     assert "Expected layout" in proc.stderr and "cifar-10-batches-py" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_checkpoint_named_in_a_config_file_runs_nothing(tmp_path):
+    """A crafted checkpoint, from disk or a loopback URL, named in a config file (which LightningCLI would
+    hand to the trainer) or given to analyze: refused with one line and exit 2, no request, no code run."""
+    config = CONFIGS / "cifar10_spikformer_4_384.yaml"
+    common = ["--config", str(config), "--config", str(tiny_override(config, tmp_path))]
+    refuse_crafted_checkpoints(
+        tmp_path,
+        "tdformer",
+        lambda source, named: [
+            ["validate", *common, "--config", named],
+            ["analyze", *common, "--ckpt_path", source],
+        ],
+    )

@@ -10,9 +10,9 @@ from .data import ImageDataModule, StoreDataModule
 from .dictionary import VoxelDictionary, build_voxel_dictionary
 from .images import EmbeddedImages, FolderImages, NSDImages
 from .metrics import FiringCounter, batch_metrics
-from .module import SAEModule, train_sae
+from .module import SAEModule, SAETrainingError, train_sae
 from .sae import KINDS, SAE, SAEConfig, make_sae, paper_loss
-from .store import ActivationStore, extract_activations
+from .store import ActivationStore, StoreError, extract_activations
 
 __version__ = "0.1.0"
 
@@ -30,7 +30,9 @@ __all__ = [
     "SAECheckpointError",
     "SAEConfig",
     "SAEModule",
+    "SAETrainingError",
     "StoreDataModule",
+    "StoreError",
     "ViTBackbone",
     "VoxelDictionary",
     "batch_metrics",

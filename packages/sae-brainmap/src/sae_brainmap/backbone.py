@@ -6,7 +6,6 @@ before the final norm). For ViT-B/16 at 224 px each layer gives ``[B, 197, 768]`
 """
 
 import warnings
-import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,31 +13,48 @@ import timm
 import torch
 from torch import Tensor, nn
 
+from spikecore.serialization import CheckpointError, first_line
+
 DEFAULT_BACKBONE = "vit_base_patch16_clip_quickgelu_224"  # CLIP ViT-B/16 with OpenAI's QuickGELU
 TOKEN_SETS = ("patch", "cls", "all")
 
 
-class BackboneWeightsError(ValueError):
-    """A backbone checkpoint that cannot be read or does not fit the architecture."""
+class BackboneWeightsError(CheckpointError):
+    """A backbone checkpoint that cannot be read or does not fit the architecture (a
+    :class:`spikecore.serialization.CheckpointError`, so a ``ValueError``)."""
 
 
-def _read_state_dict(path: Path) -> dict[str, Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+WHAT = "backbone weights"
 
-        return load_file(str(path))
+
+def _read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """The tensors of a weights file, never running code from it: safetensors, a TorchScript archive
+    (OpenAI's CLIP files: only its tensors, see :mod:`.torchscript`) or a ``torch.save`` file through
+    :func:`spikecore.serialization.safe_torch_load` (local files only, zip checksums, no pickled objects)."""
+    from spikecore.serialization import local_file, safe_torch_load, verify_zip_crc
+
+    from .torchscript import TorchScriptReadError, is_torchscript_archive, read_torchscript_state_dict
+
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        # OpenAI's own CLIP files (ViT-B-16.pt) are TorchScript archives: no pickle to refuse, read them
-        # through the TorchScript loader and keep only their tensors.
-        if zipfile.is_zipfile(path) and any(
-            n.endswith("/code/") or "/code/" in n for n in zipfile.ZipFile(path).namelist()
-        ):
-            return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
-        raise BackboneWeightsError(
-            f"cannot read backbone weights {path}: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
-        ) from err
+        path = local_file(path, WHAT)
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            try:
+                return load_file(str(path))
+            except Exception as err:  # truncated, or not a safetensors file
+                raise BackboneWeightsError(f"cannot read {WHAT} {path}: {first_line(err)}") from err
+        if is_torchscript_archive(path):
+            verify_zip_crc(path, WHAT)
+            try:
+                return read_torchscript_state_dict(path)
+            except TorchScriptReadError as err:
+                raise BackboneWeightsError(f"cannot read {WHAT} {path}: {err}") from err
+        obj = safe_torch_load(path, what=WHAT)
+    except BackboneWeightsError:
+        raise
+    except CheckpointError as err:
+        raise BackboneWeightsError(str(err)) from err
     if not isinstance(obj, dict):
         raise BackboneWeightsError(f"{path} does not hold a state dict")
     for key in ("state_dict", "model"):  # Lightning / timm training checkpoints wrap the weights
@@ -48,19 +64,26 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
 
 
 def load_backbone_weights(model: nn.Module, path: str | Path) -> None:
-    """Load OpenAI CLIP, open_clip or timm weights into a timm ViT, converted by timm's own filter."""
+    """Load OpenAI CLIP, open_clip or timm weights into a timm ViT, converted by timm's own filter. A
+    file that cannot be read, does not fit, or holds NaN or infinite weights is one
+    :class:`BackboneWeightsError`."""
     from timm.models.vision_transformer import checkpoint_filter_fn
 
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise BackboneWeightsError(f"backbone checkpoint {path} does not exist")
+    from spikecore.serialization import check_finite
+
     state = _read_state_dict(path)
+    path = Path(path).expanduser()
+    tensors = {k: v for k, v in state.items() if isinstance(v, Tensor)}
     try:
-        state = checkpoint_filter_fn(state, model)
+        state = checkpoint_filter_fn(tensors, model)
     except Exception as err:
-        raise BackboneWeightsError(f"{path}: timm cannot convert these weights ({err})") from err
+        raise BackboneWeightsError(f"{path}: timm cannot convert these weights ({first_line(err)})") from err
     # The classifier / projection head is not part of the residual stream: ignore it either way.
     state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    try:
+        check_finite(state, path, WHAT)  # what the backbone would use
+    except CheckpointError as err:
+        raise BackboneWeightsError(str(err)) from err
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as err:

@@ -5,21 +5,28 @@ from pathlib import Path
 
 import torch
 
+from spikecore.serialization import CheckpointError, check_finite, first_line, local_file, safe_torch_load
+
 from .sae import SAE, SAEConfig
 
 FORMAT = "sae_brainmap.sae/1"
+WHAT = "SAE checkpoint"
 
 
-class SAECheckpointError(ValueError):
-    """A missing, corrupted, foreign or mismatched SAE checkpoint."""
+class SAECheckpointError(CheckpointError):
+    """A missing, corrupted, foreign, non-finite or mismatched SAE checkpoint (a
+    :class:`spikecore.serialization.CheckpointError`, so a ``ValueError``)."""
 
 
 def save_sae(sae: SAE, path: str | Path) -> Path:
     """Write ``sae`` with its config (kind, sizes, layer, backbone, normalisation). ``.safetensors``
     stores the config as metadata; any other suffix writes a ``torch.save`` dict of tensors and strings."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:  # a diverged SAE: never written as if it were a result
+        raise SAECheckpointError(f"refusing to save {path}: the SAE's {', '.join(bad)} hold NaN or infinity")
+    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": FORMAT, "config": json.dumps(sae.config.to_dict())}
     tmp = path.with_name(path.name + ".tmp")
     if path.suffix == ".safetensors":
@@ -40,24 +47,26 @@ def _read(path: Path) -> tuple[dict, dict]:
             meta = f.metadata() or {}
             state = {k: f.get_tensor(k) for k in f.keys()}
         return meta, state
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(obj, dict) or "state_dict" not in obj:
+    obj = safe_torch_load(path, what=WHAT)  # local file, zip checksums, weights_only
+    if not isinstance(obj, dict) or "state_dict" not in obj or not isinstance(obj["state_dict"], dict):
         raise SAECheckpointError(f"{path} is not an SAE checkpoint (no 'state_dict' entry)")
     return obj, obj["state_dict"]
 
 
 def load_sae(path: str | Path, map_location: str | torch.device = "cpu") -> SAE:
-    """Rebuild the SAE saved at ``path``; any problem raises one :class:`SAECheckpointError`."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise SAECheckpointError(f"SAE checkpoint {path} does not exist")
+    """Rebuild the SAE saved at ``path``; any problem (missing, a URL, corrupted, unsafe, foreign, NaN or
+    infinite weights, a config that does not fit) raises one :class:`SAECheckpointError`."""
     try:
+        path = local_file(path, WHAT)
         meta, state = _read(path)
+        check_finite(state, path, WHAT)
     except SAECheckpointError:
         raise
-    except Exception as err:  # truncated, not a safetensors/torch file, or objects weights_only refuses
+    except CheckpointError as err:  # spikecore's checks: same message, this package's type
+        raise SAECheckpointError(str(err)) from err
+    except Exception as err:  # truncated, or not a safetensors file
         raise SAECheckpointError(
-            f"cannot read SAE checkpoint {path}: {type(err).__name__}: {str(err).splitlines()[0][:300]}. "
+            f"cannot read {WHAT} {path}: {first_line(err)}. "
             "It is corrupted, truncated, or not a file written by sae_brainmap.save_sae."
         ) from err
     if meta.get("format") != FORMAT or "config" not in meta:

@@ -11,11 +11,8 @@ import warnings
 from collections.abc import Sequence
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.cli import LightningCLI
 
-from spikecore.train import load_checkpoint
-from spikecore.train.cli import ckpt_path_arg
+from spikecore.train import SafeLightningCLI, trainer_defaults, user_errors_exit
 
 from .brainmap import BrainMapSAE
 
@@ -23,17 +20,14 @@ from .brainmap import BrainMapSAE
 warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode at the start of training.*")
 
 
-class SAECLI(LightningCLI):
-    """LightningCLI without spikecore's classification links (no num_classes here)."""
-
-
-def make_cli(args: Sequence[str] | None, run: bool = True) -> SAECLI:
-    return SAECLI(
+def make_cli(args: Sequence[str] | None, run: bool = True) -> SafeLightningCLI:
+    """spikecore's LightningCLI (checkpoints read safely, a run folder per fit, ``last.ckpt`` every epoch)."""
+    return SafeLightningCLI(
         BrainMapSAE,
         pl.LightningDataModule,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
-        trainer_defaults={"callbacks": [ModelCheckpoint(save_last=True, filename="sae-{epoch}")]},
+        trainer_defaults=trainer_defaults(monitor=None),
         args=list(args) if args is not None else None,
         run=run,
     )
@@ -53,38 +47,46 @@ def run_command(args: Sequence[str]) -> dict[str, str]:
     )
     parser.add_argument("--config", required=True, help="the run config (YAML), e.g. configs/demo_run.yaml")
     parser.add_argument("--out", default=None, help="output folder (overrides the config's `out`)")
+    parser.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="run every stage again, even those whose outputs match their inputs (e.g. after replacing an "
+        "input file in a way its size and time do not show)",
+    )
     options = parser.parse_args(list(args))
-    return run_pipeline(load_run_config(options.config, options.out))
+    return run_pipeline(load_run_config(options.config, options.out), rebuild=options.rebuild)
 
 
-def run(args: Sequence[str] | None = None) -> SAECLI | dict[str, str]:
+def run(args: Sequence[str] | None = None) -> SafeLightningCLI | dict[str, str]:
     """Run a command (``["fit", "--config", ...]``; None: ``sys.argv``) and return the LightningCLI (for
     ``run``: the pipeline's ``{stage: "ran" | "skipped"}``)."""
     from_argv = args is None
     argv = list(sys.argv[1:] if from_argv else args)
     if argv and argv[0] == "run":
         return run_command(argv[1:])
-    ckpt = ckpt_path_arg(argv)
-    if ckpt is not None and ckpt not in ("last", "best", "hpc", "registry"):
-        load_checkpoint(ckpt)  # missing, corrupted or unsafe: one clear error before any work starts
     return make_cli(None if from_argv else argv)  # None: LightningCLI reads sys.argv itself
 
 
 def main(args: Sequence[str] | None = None) -> None:
-    """The ``sae-brainmap`` console script. Errors a user causes in ``run`` (a bad config, missing
-    brain data or checkpoints) are printed as one message with exit status 2."""
-    from .brain.errors import BrainDataError
-    from .checkpoint import SAECheckpointError
-    from .run_config import RunConfigError
+    """The ``sae-brainmap`` console script. Errors a user causes in ``run`` (a bad config value, an output
+    folder that cannot be written, missing or bad brain data, images, SAE files or backbone weights, an
+    activation store made with other settings, an SAE training that diverged) are printed as one line with
+    exit status 2."""
+    from spikecore.errors import UserError
+
+    # UserError: RunConfigError, BrainDataError (images too), SAECheckpointError and BackboneWeightsError
+    # (spikecore's CheckpointError), StoreError, SAETrainingError; and a file the config names but is missing
+    user_errors = (UserError, FileNotFoundError)
 
     argv = list(sys.argv[1:] if args is None else args)
     if not argv or argv[0] != "run":
-        run(args)
+        with user_errors_exit():  # a bad checkpoint, a config value, an unwritable folder: one line, exit 2
+            run(args)
         return
     try:
         run(args)
-    except (RunConfigError, BrainDataError, SAECheckpointError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except user_errors as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)  # one line
         raise SystemExit(2) from None
 
 

@@ -8,7 +8,7 @@ import pytorch_lightning as pl
 import torch
 
 from .images import ImageDataset, make_source
-from .store import ActivationStore, extract_activations
+from .store import ActivationStore, StoreError, extract_activations
 
 
 def _model(dm: pl.LightningDataModule):
@@ -69,7 +69,12 @@ class _StoreBatches(torch.utils.data.IterableDataset):
 
 class StoreDataModule(ImageDataModule):
     """Train from an activation store at ``store``; if it is missing or incomplete, the images of
-    ``source`` are first extracted into it with the model's backbone (resuming an interrupted run)."""
+    ``source`` are first extracted into it with the model's backbone (resuming an interrupted run).
+
+    A store made with other settings (backbone or its weights, layers, token set, images, their count,
+    seed or input size, dtype, shard size) is refused before any work, naming what differs; with
+    ``rebuild: true`` such a store is deleted and extracted again (a store with the same settings is
+    still reused or resumed)."""
 
     def __init__(
         self,
@@ -83,21 +88,18 @@ class StoreDataModule(ImageDataModule):
         dtype: str = "float16",
         images_per_shard: int = 256,
         extract_batch_size: int = 32,
+        rebuild: bool = False,
     ) -> None:
         super().__init__(source, path, n_images, seed, batch_size, num_workers)
         self.store_path, self.dtype = store, dtype
         self.images_per_shard, self.extract_batch_size = images_per_shard, extract_batch_size
+        self.rebuild = rebuild
         self.store: ActivationStore | None = None
 
     def prepare_data(self) -> None:
         model = _model(self)
-        try:
-            if ActivationStore(self.store_path).complete:
-                return
-        except ValueError:
-            pass  # not there yet (or a different manifest: extract_activations says why)
-        super().setup()
-        extract_activations(
+        super().setup()  # the images, for the settings check (and the extraction, if any)
+        extract_activations(  # checks the store's settings first; returns at once if it is complete
             model.backbone,
             self.dataset,
             self.store_path,
@@ -109,6 +111,7 @@ class StoreDataModule(ImageDataModule):
             num_workers=self.num_workers,
             device=model.device,
             progress=True,
+            rebuild=self.rebuild,
         )
 
     def setup(self, stage: str | None = None) -> None:
@@ -116,7 +119,7 @@ class StoreDataModule(ImageDataModule):
         self.store = ActivationStore(self.store_path)
         missing = sorted(set(model.layers) - set(self.store.layers))
         if missing or self.store.manifest["tokens"] != model.token_set:
-            raise ValueError(
+            raise StoreError(
                 f"store {self.store_path} has layers {self.store.layers} / tokens "
                 f"{self.store.manifest['tokens']!r}; the model needs layers {missing} / {model.token_set!r}"
             )

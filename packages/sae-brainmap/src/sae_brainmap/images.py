@@ -2,6 +2,9 @@
 transform.
 
 A source returns uint8 ``[H, W, 3]`` arrays; :class:`ImageDataset` turns them into normalised tensors.
+A missing folder or file is a FileNotFoundError; an image or stimuli file that cannot be read (truncated,
+corrupted, the wrong layout) or indices the stimuli file does not have are one :class:`ImageDataError`
+naming the file, never PIL's or h5py's own traceback.
 """
 
 from pathlib import Path
@@ -10,6 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .brain.errors import BrainDataError, reading
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -37,6 +42,14 @@ SKIMAGE_PHOTOS = (
 )
 
 
+class ImageDataError(BrainDataError):
+    """A stimulus image (or NSD's stimuli file) cannot be read, or does not hold the images asked for. A
+    BrainDataError, as the stimuli are part of the dataset: the CLI reports it as one line."""
+
+
+IMAGE_FIX = "replace it with an intact copy (download or export it again)"
+
+
 def to_rgb_uint8(img: np.ndarray) -> np.ndarray:
     img = np.asarray(img)
     if img.dtype != np.uint8:
@@ -61,8 +74,12 @@ class ImageFiles:
     def __getitem__(self, i: int) -> np.ndarray:
         from PIL import Image
 
-        with Image.open(self.paths[i]) as im:
-            return to_rgb_uint8(np.asarray(im.convert("RGB")))
+        path = self.paths[i]
+        if not path.is_file():
+            raise FileNotFoundError(f"image file {path} does not exist")
+        with reading(path, "image file", ImageDataError, IMAGE_FIX), Image.open(path) as im:
+            pixels = np.asarray(im.convert("RGB"))  # decodes every byte: a truncated file fails here
+        return to_rgb_uint8(pixels)
 
 
 class FolderImages(ImageFiles):
@@ -80,7 +97,9 @@ class FolderImages(ImageFiles):
 
 class NSDImages:
     """NSD's stimuli: ``nsd_stimuli.hdf5`` dataset ``imgBrick`` (73000, 425, 425, 3) uint8, optionally a
-    subset of its (0-based) indices. The file is opened lazily in each worker process."""
+    subset of its (0-based) indices, e.g. the design's image ids. The file is opened lazily in each worker
+    process. Indices outside ``0..len - 1`` (the design refers to images the file does not have, or an id
+    that was 1-based) are refused here, before any image is read."""
 
     def __init__(self, path: str | Path, indices: list[int] | None = None, dataset: str = "imgBrick") -> None:
         import h5py
@@ -88,11 +107,31 @@ class NSDImages:
         self.path, self.dataset = Path(path).expanduser(), dataset
         if not self.path.is_file():
             raise FileNotFoundError(f"NSD stimuli file {self.path} does not exist")
-        with h5py.File(self.path, "r") as f:
-            if dataset not in f:
-                raise KeyError(f"{self.path} has no dataset {dataset!r} (found {list(f)})")
-            n = f[dataset].shape[0]
+        what = "NSD stimuli file"
+        with reading(self.path, what, ImageDataError, "download nsd_stimuli.hdf5 again"):
+            with h5py.File(self.path, "r") as f:
+                if dataset not in f or not hasattr(f[dataset], "shape"):
+                    found = ", ".join(f) or "nothing"
+                    raise ImageDataError(
+                        f"{what} {self.path} has no dataset {dataset!r} (found: {found}); NSD's "
+                        "nsd_stimuli.hdf5 holds 'imgBrick'"
+                    )
+                shape, dtype = f[dataset].shape, f[dataset].dtype
+        if len(shape) != 4 or shape[3] != 3 or dtype != np.uint8:
+            raise ImageDataError(
+                f"{what} {self.path}: {dataset} must be uint8 images (N, H, W, 3) as NSD's (73000, 425, 425, "
+                f"3), got {dtype} {tuple(shape)}"
+            )
+        n = shape[0]
         self.indices = list(range(n)) if indices is None else [int(i) for i in indices]
+        bad = [i for i in self.indices if not 0 <= i < n]
+        if bad:
+            raise ImageDataError(
+                f"{what} {self.path} holds {n} images but {len(bad)} of the {len(self.indices)} image "
+                f"indices asked for are outside 0..{n - 1} (0-based; e.g. {bad[0]}, largest "
+                f"{max(bad)}): the design refers to images this file does not have. Use the full "
+                "nsd_stimuli.hdf5 (73,000 images) with NSD's nsd_expdesign.mat"
+            )
         self._file = None
 
     def __len__(self) -> int:
@@ -101,9 +140,12 @@ class NSDImages:
     def __getitem__(self, i: int) -> np.ndarray:
         import h5py
 
-        if self._file is None:
-            self._file = h5py.File(self.path, "r")
-        return to_rgb_uint8(self._file[self.dataset][self.indices[i]])
+        index = self.indices[i]
+        with reading(self.path, f"NSD stimuli file (image {index})", ImageDataError, "download it again"):
+            if self._file is None:
+                self._file = h5py.File(self.path, "r")
+            pixels = self._file[self.dataset][index]
+        return to_rgb_uint8(pixels)
 
     def __getstate__(self) -> dict:  # h5py handles do not cross process boundaries
         return {**self.__dict__, "_file": None}

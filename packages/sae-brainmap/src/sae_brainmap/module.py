@@ -11,8 +11,37 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
+from spikecore.errors import UserError
+
 from .metrics import FiringCounter, batch_metrics
 from .sae import SAE, SAEConfig
+
+
+class SAETrainingError(UserError, ValueError):
+    """Training that cannot give a usable SAE: non-finite input activations, or a run that diverged to
+    NaN / infinity. Training stops at the first non-finite loss (before its update) or, after the last
+    step, at non-finite weights; the SAEs are then not returned or exported."""
+
+
+def nonfinite_summary(x: Tensor, what: str = "activations") -> str | None:
+    """None if ``x`` ``[n, d]`` is all finite, else one line: how many entries and rows, and the first."""
+    bad = ~torch.isfinite(x)
+    if not bool(bad.any()):
+        return None
+    rows = bad.reshape(len(x), -1).any(1) if x.dim() > 1 else bad
+    first = [int(i) for i in bad.nonzero()[0]]
+    where = f"row {first[0]}, column {first[1]}" if len(first) > 1 else f"entry {first[0]}"
+    tests = (("NaN", torch.isnan(x)), ("+inf", x == float("inf")), ("-inf", x == float("-inf")))
+    kinds = ", ".join(name for name, m in tests if bool(m.any()))
+    return (
+        f"{what} hold {int(bad.sum())} non-finite values ({kinds}) in {int(rows.sum())} of {len(x)} rows, "
+        f"the first at {where}"
+    )
+
+
+def _label(name: str) -> str:
+    return "the SAE" if name == "sae" else f"the SAE {name}"
+
 
 # Learning rates when none is given: the paper's for relu_l1, the TopK papers' order of magnitude else.
 DEFAULT_LR = {"relu_l1": 5e-5, "topk": 2e-4, "batchtopk": 2e-4, "jumprelu": 2e-4}
@@ -69,6 +98,8 @@ class SAEModule(pl.LightningModule):
         for name, sae in self.saes.items():
             x = toks[name]
             out = sae.loss(x)
+            if not bool(torch.isfinite(out["loss"].detach())):
+                self._diverged(name, x, out["loss"])
             total = total + out["loss"]
             metrics = batch_metrics(x, out["x_hat"], out["z"])
             metrics["loss"] = float(out["loss"].detach())
@@ -84,6 +115,30 @@ class SAEModule(pl.LightningModule):
                 self.log(f"train/{name}/dead_fraction", dead, batch_size=x.shape[0])
         self.log("train/loss", total.detach(), prog_bar=True, batch_size=1)
         return total
+
+    def _diverged(self, name: str, x: Tensor, loss: Tensor) -> None:
+        """Stop on a non-finite loss, before its backward and update, saying whether the input or the
+        SAE is to blame."""
+        bad_input = nonfinite_summary(x, f"the input tokens of {_label(name)}")
+        if bad_input:
+            raise SAETrainingError(f"step {self.global_step}: {bad_input}; check the activations")
+        bad_weights = [k for k, v in self.saes[name].state_dict().items()
+                       if v.is_floating_point() and not bool(torch.isfinite(v).all())]  # fmt: skip
+        raise SAETrainingError(
+            f"{_label(name)} diverged at step {self.global_step}: its loss is {float(loss.detach())}"
+            + (f" (non-finite {', '.join(bad_weights)})" if bad_weights else "")
+            + "; lower the learning rate (lr) and train again"
+        )
+
+    def on_train_end(self) -> None:
+        for name, sae in self.saes.items():  # the last update can still overflow
+            bad = [k for k, v in sae.state_dict().items()
+                   if v.is_floating_point() and not bool(torch.isfinite(v).all())]  # fmt: skip
+            if bad:
+                raise SAETrainingError(
+                    f"{_label(name)} diverged in the last step: non-finite {', '.join(bad)}; lower the "
+                    "learning rate (lr) and train again"
+                )
 
     def on_before_optimizer_step(self, optimizer) -> None:
         for sae in self.saes.values():
@@ -162,6 +217,11 @@ def train_sae(
     """
     if acts.dim() != 2:
         raise ValueError(f"acts must be [n, d], got shape {tuple(acts.shape)}")
+    if len(acts) == 0:
+        raise SAETrainingError("acts hold no rows: nothing to train on")
+    bad = nonfinite_summary(acts, "acts")
+    if bad:
+        raise SAETrainingError(f"{bad}; an SAE trained on them would have NaN weights")
     if len(acts) < batch_size:
         batch_size = len(acts)
     opt = {k: hparams.pop(k) for k in _TRAINER_KEYS if k in hparams}
@@ -180,5 +240,9 @@ def train_sae(
         enable_progress_bar=progress,
         enable_model_summary=False,
     )
-    trainer.fit(module, loader)
+    try:
+        trainer.fit(module, loader)
+    except SAETrainingError as err:
+        layer = hparams.get("layer")
+        raise SAETrainingError(f"layer {layer}: {err}" if layer is not None else str(err)) from None
     return module.saes["sae"].eval()

@@ -15,13 +15,16 @@
 
 Each stage writes into ``<out>/<stage>/`` and ends with ``manifest.json``: a hash of its inputs (its config
 section, the stamps of input files, the hashes of the stages it reads) and its output files. A stage whose
-manifest hash matches and whose outputs all exist is skipped. Arrays are ``.npz`` (no pickle).
+manifest hash matches and whose outputs all exist is skipped (``rebuild=True``, ``--rebuild``: never).
+Arrays are ``.npz`` (no pickle).
+
+Before any stage runs, the config's values, the input files, the number of images and the output folder
+are checked (:func:`check_run`): a problem is one error, never a traceback after the ViT has run.
 """
 
 import csv
 import dataclasses
 import functools
-import hashlib
 import json
 import os
 import time
@@ -32,7 +35,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .run_config import RunConfig, algonauts_rois, check_inputs
+from .run_config import (
+    RunConfig,
+    RunConfigError,
+    algonauts_rois,
+    check_image_count,
+    check_inputs,
+    check_output_folder,
+)
+from .store import settings_hash
 
 VERSION = 2  # bump when a stage's outputs change meaning (2: seeded random backbone, selectivity figures)
 STAGES = ("activations", "brain", "dictionary", "analysis", "maps", "report")
@@ -57,7 +68,12 @@ def _stamp(path: str | None) -> list | None:
         return None
     p = Path(path).expanduser()
     if p.is_dir():
-        return [str(p), sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in p.iterdir())]
+        stamp = [str(p), sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in p.iterdir())]
+        nested = sorted(
+            (f.relative_to(p).as_posix(), f.stat().st_size, f.stat().st_mtime_ns)
+            for d in p.iterdir() if d.is_dir() for f in d.rglob("*") if f.is_file()
+        )  # fmt: skip
+        return [*stamp, nested] if nested else stamp  # a folder source's images in subfolders count too
     if p.is_file():
         st = p.stat()
         return [str(p), st.st_size, st.st_mtime_ns]
@@ -123,7 +139,7 @@ def _algonauts_brain_section(c: RunConfig) -> dict:
 class Stage:
     def __init__(self, root: Path, name: str, inputs: dict) -> None:
         self.name, self.dir = name, root / name
-        self.hash = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        self.hash = settings_hash(inputs)  # the activation store's manifests use the same hash
 
     @property
     def manifest(self) -> Path:
@@ -142,13 +158,37 @@ class Stage:
         os.replace(tmp, self.manifest)
 
 
-def run_pipeline(config: RunConfig, log: Callable[[str], None] | None = None) -> dict[str, str]:
-    """Run every stage (skipping those already done); returns ``{stage: "ran" | "skipped"}``. ``log``
-    gets the progress lines (default: printed)."""
-    log = log or functools.partial(print, flush=True)
+def check_run(config: RunConfig) -> Path:
+    """Everything that can be checked before the work: the config's values, the input files, enough images
+    for the analyses, a writable output folder (created here). Returns the output folder."""
     check_inputs(config)
-    root = Path(config.out)
-    root.mkdir(parents=True, exist_ok=True)
+    if config.images.source != "embedded":
+        where = {
+            "folder": "images.path",
+            "nsd": "brain.nsd.betas",
+            "algonauts": "brain.algonauts.subject_dir",
+        }
+        check_image_count(_count_images(config), config, where[config.images.source])
+    return check_output_folder(config)
+
+
+def _count_images(c: RunConfig) -> int:
+    from .images import FolderImages
+
+    if c.images.source == "folder":
+        return len(FolderImages(Path(c.images.path).expanduser()))
+    if c.images.source == "algonauts":
+        return len(_algonauts_images(c))
+    return len(_nsd_image_ids(c))
+
+
+def run_pipeline(
+    config: RunConfig, log: Callable[[str], None] | None = None, rebuild: bool = False
+) -> dict[str, str]:
+    """Run every stage (skipping those already done, unless ``rebuild``); returns ``{stage: "ran" |
+    "skipped"}``. ``log`` gets the progress lines (default: printed)."""
+    log = log or functools.partial(print, flush=True)
+    root = check_run(config)
     (root / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1))
     hashes: dict[str, str] = {}
     status: dict[str, str] = {}
@@ -160,7 +200,7 @@ def run_pipeline(config: RunConfig, log: Callable[[str], None] | None = None) ->
         }
         stage = Stage(root, name, inputs)
         hashes[name] = stage.hash
-        if stage.done():
+        if stage.done() and not rebuild:
             log(f"[{i}/{len(STAGES)}] {name}: skipped (outputs match inputs {stage.hash})")
             status[name] = "skipped"
             continue
@@ -200,13 +240,10 @@ def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
 
 def _nsd_image_ids(c: RunConfig) -> np.ndarray:
     """The (sorted, unique) NSD ids of the images in the subject's betas files: the rows of everything."""
-    import nibabel as nib
+    from .brain import nsd_image_ids
 
-    from .brain import load_expdesign
-
-    n_trials = sum(int(nib.load(str(Path(b).expanduser())).shape[-1]) for b in c.brain.nsd.betas)
-    design = load_expdesign(Path(c.brain.nsd.expdesign).expanduser())
-    return np.unique(design.trial_images(c.brain.nsd.subject, n_trials))
+    n = c.brain.nsd  # betas as .nii.gz or .hdf5; only their headers are read
+    return nsd_image_ids([Path(b).expanduser() for b in n.betas], Path(n.expdesign).expanduser(), n.subject)
 
 
 def _algonauts_images(c: RunConfig) -> list[Path]:
@@ -232,7 +269,7 @@ def _image_source(c: RunConfig):
     if c.images.source == "algonauts":
         return ImageFiles(_algonauts_images(c))
     if c.images.path is None:
-        raise ValueError(f"images.source {c.images.source} needs images.path")
+        raise RunConfigError(f"images.source {c.images.source} needs images.path")
     if c.images.source == "folder":
         return FolderImages(Path(c.images.path).expanduser())
     return NSDImages(Path(c.images.path).expanduser(), indices=_nsd_image_ids(c).tolist())
@@ -259,7 +296,7 @@ def _sae_paths(c: RunConfig, layers: list[int]) -> dict[int, Path] | None:
         return {lay: Path(ck).expanduser() / f"layer_{lay:02d}.safetensors" for lay in layers}
     missing = [lay for lay in layers if lay not in ck]
     if missing:
-        raise ValueError(f"sae.checkpoints has no SAE for layer(s) {missing}")
+        raise RunConfigError(f"sae.checkpoints has no SAE for layer(s) {missing}")
     return {lay: Path(ck[lay]).expanduser() for lay in layers}
 
 
@@ -281,6 +318,12 @@ def _activations(c: RunConfig, root: Path, out: Path, log) -> list[str]:
     n = len(source)
     paths = _sae_paths(c, layers)
     saes = {lay: load_sae(p) for lay, p in paths.items()} if paths else None
+    for lay, sae in (saes or {}).items():  # before any image: an SAE of another width fails at encode
+        if sae.config.d_in != bb.embed_dim:
+            raise RunConfigError(
+                f"sae.checkpoints: the SAE for layer {lay} ({paths[lay]}) takes {sae.config.d_in}-dim input, "
+                f"but {bb.name}'s residual stream is {bb.embed_dim}-dim: use SAEs trained on this backbone"
+            )
     log(f"  {n} images at {bb.img_size[0]} px through {bb.name}, layers {layers}")
     resid_mean = {lay: [] for lay in layers}
     codes: dict[int, list] = {lay: [] for lay in layers}
@@ -382,7 +425,7 @@ def _synthetic_brain(c: RunConfig, root: Path, out: Path, log) -> None:
 
 def _nsd_brain(c: RunConfig, root: Path, out: Path, log) -> None:
     from .brain import load_nsd_betas, roi_masks
-    from .brain.nsd import load_volume
+    from .brain.nsd import volume_at
 
     n_cfg = c.brain.nsd
     files = {k: Path(v).expanduser() for k, v in n_cfg.roi_files.items()}
@@ -397,9 +440,16 @@ def _nsd_brain(c: RunConfig, root: Path, out: Path, log) -> None:
                           n_cfg.subject, mask, zscore_by=n_cfg.zscore_by)  # fmt: skip
     expected = _nsd_image_ids(c)
     if not np.array_equal(data.images, expected):
-        raise RuntimeError("NSD responses and stimuli do not list the same images")
-    ncsnr = (load_volume(Path(n_cfg.ncsnr).expanduser(), "ncsnr")[0][mask] if n_cfg.ncsnr
-             else np.full(int(mask.sum()), np.nan))  # fmt: skip
+        from .brain.errors import BrainDataError
+
+        raise BrainDataError(
+            "the NSD betas and the design list different images for this subject: check that "
+            "brain.nsd.betas, brain.nsd.expdesign and brain.nsd.subject belong together"
+        )
+    if len(data.dropped):
+        log(f"  {len(data.dropped)} voxels with constant responses dropped (no correlation is defined)")
+    ncsnr = (volume_at(Path(n_cfg.ncsnr).expanduser(), data.voxels, mask.shape, "ncsnr") if n_cfg.ncsnr
+             else np.full(len(data.voxels), np.nan))  # fmt: skip
     np.savez(out / "responses.npz", responses=data.responses,
              roi=np.asarray([roi_vol[tuple(v)] for v in data.voxels], dtype=str), voxels=data.voxels,
              voxels_full=data.voxels, volume_shape=np.asarray(mask.shape), ncsnr=ncsnr,

@@ -1,10 +1,14 @@
 """The configuration of ``sae-brainmap run``: plain YAML read into dataclasses, one section per stage.
 
 Every key is checked: a key that is not a field of its section (a typo) fails with one
-:class:`RunConfigError` naming the key, the section and the keys that are allowed.
+:class:`RunConfigError` naming the key, the section and the keys that are allowed. So is every value that
+cannot work (an unknown SAE kind, ``k`` above ``n_latents``, a layer the backbone does not have, a count or
+batch size below 1, an unknown ROI name, fewer images than the analyses need), when the config is read:
+before any image goes through the ViT.
 """
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -13,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from spikecore.errors import ConfigError
+
 from .backbone import DEFAULT_BACKBONE
 from .brain.s1 import S1_ROIS
 
@@ -20,8 +26,12 @@ SURFACE_VIEWS = ("lateral", "medial", "ventral")  # the fsaverage maps' default 
 NILEARN_VIEWS = ("lateral", "medial", "dorsal", "ventral", "anterior", "posterior")
 
 
-class RunConfigError(ValueError):
-    """A ``sae-brainmap run`` config that cannot be used (unknown key, wrong type, missing value)."""
+MIN_IMAGES_EACH = 3  # a correlation over images (dictionary, RSA, encoding R^2) needs at least 3 of them
+
+
+class RunConfigError(ConfigError):
+    """A ``sae-brainmap run`` config that cannot be used (unknown key, wrong type, missing or impossible
+    value). A :class:`spikecore.errors.ConfigError`, so a ``ValueError``."""
 
 
 @dataclass
@@ -213,6 +223,9 @@ def _validate(c: RunConfig) -> None:
         raise RunConfigError(
             f"images.source must be embedded, folder, nsd or algonauts, got {c.images.source!r}"
         )
+    if c.images.source in ("folder", "nsd") and not c.images.path:
+        what = "a folder of images" if c.images.source == "folder" else "nsd_stimuli.hdf5"
+        raise RunConfigError(f"images.source {c.images.source} needs images.path ({what})")
     if c.brain.kind not in ("synthetic", "nsd", "algonauts"):
         raise RunConfigError(f"brain.kind must be synthetic, nsd or algonauts, got {c.brain.kind!r}")
     if (c.brain.kind == "algonauts") != (c.images.source == "algonauts"):
@@ -243,6 +256,141 @@ def _validate(c: RunConfig) -> None:
         raise RunConfigError(
             f"maps.views must be a non-empty list of {', '.join(NILEARN_VIEWS)}; got {c.maps.views}"
         )
+    _validate_counts(c)
+    _validate_sae(c.sae)
+    _validate_backbone(c.backbone)
+    if c.brain.kind == "synthetic":
+        _validate_synthetic(c.brain.synthetic)
+    if c.images.source == "embedded":
+        check_image_count(c.images.n_images, c, "images.n_images")
+
+
+def _at_least(value: int | float, low: int, key: str) -> None:
+    if value < low:
+        raise RunConfigError(f"{key} must be at least {low}, got {value}")
+
+
+def _validate_counts(c: RunConfig) -> None:
+    _at_least(c.images.n_images, 1, "images.n_images")
+    _at_least(c.images.batch_size, 1, "images.batch_size")
+    _at_least(c.analysis.rsa_max_voxels, 3, "analysis.rsa_max_voxels")  # RSA compares voxel pairs
+    _at_least(c.analysis.rsa_permutations, 0, "analysis.rsa_permutations")
+    _at_least(c.dictionary.candidates, 1, "dictionary.candidates")
+
+
+def _validate_sae(s: SAESection) -> None:
+    from .sae import KINDS
+
+    if s.kind not in KINDS:
+        raise RunConfigError(f"sae.kind must be one of {', '.join(KINDS)}, got {s.kind!r}")
+    _at_least(s.n_latents, 1, "sae.n_latents")
+    if s.kind in ("topk", "batchtopk") and not 1 <= s.k <= s.n_latents:
+        raise RunConfigError(
+            f"sae.k must be in 1..sae.n_latents ({s.n_latents}) for sae.kind {s.kind}, got {s.k}"
+        )
+    _at_least(s.steps, 1, "sae.steps")
+    _at_least(s.batch_size, 1, "sae.batch_size")
+    if not (math.isfinite(s.lr) and s.lr > 0):
+        raise RunConfigError(f"sae.lr must be a positive number, got {s.lr}")
+
+
+def backbone_depth(b: BackboneConfig) -> int:
+    """The number of blocks of ``backbone.name`` at ``backbone.img_size``, from a model built on the meta
+    device (no weights allocated, nothing read): an unknown name or a size that does not fit is one
+    RunConfigError."""
+    import timm
+    import torch
+
+    kwargs = {"img_size": b.img_size} if b.img_size is not None else {}
+    try:
+        with torch.device("meta"):
+            vit = timm.create_model(b.name, pretrained=False, num_classes=0, **kwargs)
+    except Exception as err:
+        size = f" at img_size {b.img_size}" if b.img_size is not None else ""
+        text = " ".join(str(err).split())[:200]
+        raise RunConfigError(f"backbone.name {b.name!r}{size}: timm cannot build it ({text})") from None
+    if not hasattr(vit, "blocks") or not hasattr(vit, "patch_embed"):
+        raise RunConfigError(
+            f"backbone.name {b.name!r} is not a vision transformer (no blocks / patch_embed)"
+        )
+    grid = getattr(vit.patch_embed, "grid_size", (1, 1))
+    if b.img_size is not None and min(grid) < 1:
+        patch = getattr(vit.patch_embed, "patch_size", "?")
+        raise RunConfigError(f"backbone.img_size {b.img_size} is smaller than {b.name}'s patch size {patch}")
+    return len(vit.blocks)
+
+
+def _validate_backbone(b: BackboneConfig) -> None:
+    depth = backbone_depth(b)
+    if b.layers is None:
+        return
+    if not b.layers:
+        raise RunConfigError("backbone.layers is empty: list block indices, or null for all")
+    bad = [lay for lay in b.layers if not 0 <= lay < depth]
+    if bad:
+        raise RunConfigError(
+            f"backbone.layers {bad} out of range: {b.name} has {depth} blocks, layers 0..{depth - 1}"
+        )
+
+
+def _validate_synthetic(s: SyntheticConfig) -> None:
+    unknown = [r for r in s.rois if r not in S1_ROIS]
+    if unknown or not s.rois:
+        raise RunConfigError(
+            f"brain.synthetic.rois: unknown ROI name(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
+            f"the synthetic subject has {', '.join(S1_ROIS)}"
+        )
+    _at_least(s.n_repeats, 1, "brain.synthetic.n_repeats")
+    _at_least(s.pool, 1, "brain.synthetic.pool")
+    lo_hi = s.ncsnr_range
+    if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1]:
+        raise RunConfigError(
+            f"brain.synthetic.ncsnr_range must be [low, high] with 0 < low <= high, got {lo_hi}"
+        )
+
+
+def min_images(test_fraction: float) -> int:
+    """The fewest images the analyses can use: the encoding baseline holds out max(3, test_fraction * N)
+    images and fits on the rest, and every correlation over images (dictionary, RSA, R^2) needs 3."""
+    n = MIN_IMAGES_EACH
+    while n - max(MIN_IMAGES_EACH, round(test_fraction * n)) < MIN_IMAGES_EACH:
+        n += 1
+    return n
+
+
+def check_image_count(n: int, c: RunConfig, where: str) -> None:
+    """A RunConfigError if ``n`` images (from ``where``) are too few for the analyses."""
+    need = min_images(c.analysis.test_fraction)
+    if n < need:
+        n_test = max(MIN_IMAGES_EACH, round(c.analysis.test_fraction * n))
+        raise RunConfigError(
+            f"{where}: {n} images are too few; the analyses need at least {need} (the ridge encoding "
+            f"baseline holds out {n_test} at analysis.test_fraction {c.analysis.test_fraction} and fits on "
+            f"the rest, and every correlation over images needs {MIN_IMAGES_EACH})"
+        )
+
+
+def _check_nsd_rois(n: NSDConfig) -> None:
+    """The ROI names against the label tables (the given ``.ctab`` files or NSD's built-in tables)."""
+    from .brain import BrainDataError
+    from .brain.labels import NSD_LABELS, read_ctab, resolve
+
+    tables = {}
+    for cls in n.roi_files:
+        given = (n.label_tables or {}).get(cls)
+        if given is None and cls not in NSD_LABELS:
+            raise RunConfigError(
+                f"brain.nsd.roi_files: no label table for ROI class {cls!r} (NSD's built-in ones: "
+                f"{', '.join(NSD_LABELS)}); add brain.nsd.label_tables.{cls}"
+            )
+        try:
+            tables[cls] = NSD_LABELS[cls] if given is None else read_ctab(Path(given).expanduser())
+        except BrainDataError as err:
+            raise RunConfigError(f"brain.nsd.label_tables.{cls}: {err}") from None
+    try:
+        resolve(n.rois, tables)
+    except BrainDataError as err:
+        raise RunConfigError(f"brain.nsd.rois: {err}") from None
 
 
 def algonauts_rois(a: AlgonautsConfig) -> list[str]:
@@ -276,9 +424,24 @@ def _validate_algonauts(a: AlgonautsConfig) -> None:
         raise RunConfigError(f"brain.algonauts.max_images must be at least 1 (or null), got {a.max_images}")
 
 
+def check_output_folder(c: RunConfig) -> Path:
+    """``out`` created if needed and proven writable (a probe file), before any work: a path that is a
+    file or a read-only folder is one RunConfigError rather than a traceback after the work is done."""
+    from spikecore.errors import OutputFolderError, writable_dir
+
+    try:
+        return writable_dir(c.out, "output folder (out)")
+    except OutputFolderError as err:
+        raise RunConfigError(str(err)) from None
+
+
 def check_inputs(c: RunConfig) -> None:
-    """Before any stage runs: the data files the config names exist (for brain.kind algonauts), so that a
-    wrong path fails at once with one message rather than after the activations stage's hours."""
+    """Before any stage runs: the config's values (again, for a RunConfig built in Python), the NSD ROI
+    names against their label tables, and for brain.kind algonauts that the data files exist, so that a
+    wrong value or path fails at once with one message rather than after the activations stage's hours."""
+    _validate(c)
+    if c.brain.kind == "nsd":
+        _check_nsd_rois(c.brain.nsd)
     if c.brain.kind != "algonauts":
         return
     from .brain.algonauts import HEMIS, fmri_path, roi_classes_of, roi_mask_path

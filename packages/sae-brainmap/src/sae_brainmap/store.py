@@ -2,7 +2,7 @@
 
 Layout of a store folder::
 
-    manifest.json          what was extracted and which shards are complete (rewritten atomically)
+    manifest.json          what was extracted, from what, and which shards are complete (rewritten atomically)
     shard_00000.bin        raw [n_tokens, n_layers, d] in float16 or bfloat16, C order
     ...
 
@@ -10,11 +10,20 @@ A shard is written batch by batch to ``shard_XXXXX.bin.tmp``, fsynced, renamed, 
 the manifest: readers open only listed shards, so a half-written shard is never read, and an interrupted
 extraction resumes at the first shard the manifest lacks. Memory while extracting is one batch of images,
 not one shard; reading maps one shard at a time.
+
+Provenance: the manifest records every setting that determines the store's content (see
+:func:`store_settings`): the layers, token set, dtype and shard size, and what made the activations, i.e.
+the backbone's name and a fingerprint of its weights (a checkpoint, or the seed of random weights, shows
+there), the images (source kind, count, seed, the files' names and sizes) and their preprocessing (input
+size, normalisation). Extracting into a folder that holds a store made with other settings is refused
+before any work, naming each setting that differs, unless ``rebuild=True`` (then that store is deleted and
+extracted again); with the same settings an interrupted store resumes and a complete one is reused.
 """
 
+import hashlib
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +31,139 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from spikecore.errors import UserError
+
 FORMAT = "sae_brainmap.store/1"
 DTYPES = {"float16": (torch.float16, np.float16), "bfloat16": (torch.bfloat16, np.uint16)}
+REBUILD_HINT = (
+    "Use a new store folder, or rebuild this one (StoreDataModule rebuild: true, "
+    "i.e. --data.init_args.rebuild true; extract_activations(..., rebuild=True)), which deletes its shards"
+)
 
 
-class StoreError(ValueError):
+class StoreError(UserError, ValueError):
     """A store folder that is missing, foreign, or was made with other settings."""
+
+
+def settings_hash(settings: Mapping) -> str:
+    """The hash of a settings mapping, as the pipeline's stage manifests compute theirs."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """A hash of every parameter and buffer (names, dtypes, shapes, bytes): equal for the same weights,
+    whatever file or seed they came from."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}|{t.dtype}|{t.numel()};".encode())
+        h.update(t.view(torch.uint8).numpy())
+    return h.hexdigest()[:16]
+
+
+def _files_digest(paths: Sequence[Path], root: Path | None) -> dict:
+    """Names (relative to ``root``) and sizes, in order; not mtimes, so that copying the images elsewhere
+    or touching them keeps the store."""
+    entries = []
+    for p in paths:
+        name = p.relative_to(root).as_posix() if root is not None else p.name
+        entries.append([name, p.stat().st_size if p.is_file() else None])
+    return {"count": len(entries), "names_and_sizes": settings_hash({"files": entries})}
+
+
+def describe_images(dataset: Any) -> dict:
+    """What determines the images of ``dataset``: for :class:`~sae_brainmap.images.ImageDataset`, its
+    source (kind, count, seed; for files their names and sizes) and preprocessing; for another dataset
+    only its type (pass ``provenance=`` to :func:`extract_activations` to record more)."""
+    from .images import EmbeddedImages, FolderImages, ImageDataset, ImageFiles, NSDImages
+
+    if not isinstance(dataset, ImageDataset):
+        return {"dataset": f"{type(dataset).__module__}.{type(dataset).__qualname__}"}
+    src = dataset.source
+    if isinstance(src, EmbeddedImages):
+        source = {
+            "kind": "embedded",
+            "n_images": src.n_images,
+            "seed": src.seed,
+            "originals": len(src.originals),
+        }
+    elif isinstance(src, FolderImages):
+        source = {"kind": "folder", "files": _files_digest(src.paths, src.root)}
+    elif isinstance(src, ImageFiles):
+        source = {"kind": "files", "files": _files_digest(src.paths, None)}
+    elif isinstance(src, NSDImages):
+        source = {"kind": "nsd", "dataset": src.dataset, "file_size": src.path.stat().st_size,
+                  "indices": settings_hash({"indices": src.indices})}  # fmt: skip
+    else:
+        source = {"kind": f"{type(src).__module__}.{type(src).__qualname__}"}
+    return {
+        "source": source,
+        "size": list(dataset.size),
+        "mean": list(dataset.mean),
+        "std": list(dataset.std),
+    }
+
+
+def store_settings(
+    backbone,
+    dataset: Any,
+    layers: Sequence[int] | None = None,
+    tokens: str = "patch",
+    dtype: str = "float16",
+    images_per_shard: int = 256,
+    provenance: Mapping | None = None,
+) -> dict:
+    """Everything that determines a store's content, as its manifest records it."""
+    return {
+        "format": FORMAT,
+        "backbone": backbone.name,
+        "layers": list(range(backbone.depth)) if layers is None else sorted(int(i) for i in layers),
+        "tokens": tokens,
+        "dtype": dtype,
+        "d": backbone.embed_dim,
+        "images_per_shard": images_per_shard,
+        "n_images": len(dataset),
+        "provenance": {
+            "backbone_weights": weights_fingerprint(backbone),
+            "images": describe_images(dataset),
+            "extra": dict(provenance or {}),
+        },
+    }
+
+
+def _flat(d: Mapping, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _short(v: Any) -> str:
+    text = json.dumps(v, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def settings_differences(stored: Mapping, wanted: Mapping) -> list[str]:
+    """``name (store X, now Y)`` for each setting of ``wanted`` that ``stored`` records differently."""
+    if "provenance" not in stored:
+        return ["provenance (the store records none: it was written by an older version)"]
+    a, b = _flat(stored), _flat(wanted)
+    names = [k for k in b if k not in ("shards", "tokens_per_image") and a.get(k) != b[k]]
+    names += [k for k in a if k.startswith("provenance.") and k not in b]
+    return [
+        f"{k.removeprefix('provenance.')} (store {_short(a.get(k))}, now {_short(b.get(k))})" for k in names
+    ]
+
+
+def _delete_store(out: Path) -> None:
+    """The store's own files only (manifest first: without it the shards are never read)."""
+    (out / "manifest.json").unlink(missing_ok=True)
+    for f in [*out.glob("shard_*.bin"), *out.glob("*.tmp")]:
+        f.unlink()
 
 
 def layer_key(layer: int) -> str:
@@ -56,41 +192,62 @@ def extract_activations(
     num_workers: int = 0,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    provenance: Mapping | None = None,
+    rebuild: bool = False,
 ) -> "ActivationStore":
     """Run ``backbone`` over ``dataset`` (image tensors) and store the selected layers' tokens in ``out``.
 
-    Resumes an interrupted extraction with the same settings (it refuses different ones)."""
-    from tqdm.auto import tqdm
+    Resumes an interrupted extraction with the same settings and reuses a complete one; a store made with
+    other settings (:func:`store_settings`; ``provenance`` adds any JSON-able description of the images
+    that the dataset cannot give itself) is refused with a :class:`StoreError` naming them, before any
+    work, or with ``rebuild=True`` deleted and extracted again."""
+    from spikecore.errors import writable_dir
 
     if dtype not in DTYPES:
         raise StoreError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    layers = list(range(backbone.depth)) if layers is None else sorted(int(i) for i in layers)
-    n_images = len(dataset)
-    settings = {
-        "format": FORMAT,
-        "backbone": backbone.name,
-        "layers": layers,
-        "tokens": tokens,
-        "dtype": dtype,
-        "d": backbone.embed_dim,
-        "images_per_shard": images_per_shard,
-        "n_images": n_images,
-    }
+    if tokens not in ("patch", "cls", "all"):
+        raise StoreError(f"tokens must be patch, cls or all, got {tokens!r}")
+    if images_per_shard < 1 or batch_size < 1:
+        raise StoreError(
+            f"images_per_shard and batch_size must be at least 1, got {images_per_shard}, {batch_size}"
+        )
+    if layers is not None and len(layers) == 0:
+        raise StoreError("layers is empty: give at least one layer (or None for all)")
+    bad = [i for i in (layers or []) if not 0 <= int(i) < backbone.depth]
+    if bad:
+        raise StoreError(f"layers {bad} out of range 0..{backbone.depth - 1} for {backbone.name}")
+    if len(dataset) == 0:
+        raise StoreError("the dataset holds no images: nothing to extract")
+    out = writable_dir(out, "activation store folder")
+    settings = store_settings(backbone, dataset, layers, tokens, dtype, images_per_shard, provenance)
+    layers, n_images = settings["layers"], settings["n_images"]
     manifest_path = out / "manifest.json"
-    if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
-        differs = {k: (manifest.get(k), v) for k, v in settings.items() if manifest.get(k) != v}
+    manifest = _read_manifest(manifest_path) if manifest_path.is_file() else None
+    if manifest is not None:
+        differs = settings_differences(manifest, settings)
+        if differs and not rebuild:
+            raise StoreError(
+                f"activation store {out} was made with other settings: {'; '.join(differs)}. {REBUILD_HINT}"
+            )
         if differs:
-            raise StoreError(f"{out} holds a store made with other settings {differs}; use another folder")
-    else:
-        manifest = {**settings, "tokens_per_image": None, "shards": []}
+            _delete_store(out)
+            manifest = None
+    if manifest is None:
+        manifest = {
+            **settings,
+            "settings_hash": settings_hash(settings),
+            "tokens_per_image": None,
+            "shards": [],
+        }
     for stale in out.glob("*.tmp"):  # leftovers of an interrupted run: never read, start them again
         stale.unlink()
     done = {s["index"] for s in manifest["shards"]}
     n_shards = (n_images + images_per_shard - 1) // images_per_shard
     todo = [i for i in range(n_shards) if i not in done]
+    if not todo:
+        return ActivationStore(out)
+    from tqdm.auto import tqdm
+
     backbone = backbone.to(device).eval()
     torch_dtype, _ = DTYPES[dtype]
     bar = tqdm(
@@ -135,6 +292,19 @@ def extract_activations(
         _write_json_atomic(manifest_path, manifest)
     bar.close()
     return ActivationStore(out)
+
+
+def _read_manifest(path: Path) -> dict:
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise StoreError(
+            f"{path} is corrupted ({err}): use a new store folder, or delete this folder's manifest.json and "
+            "shard_*.bin files"
+        ) from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise StoreError(f"{path} is not a {FORMAT} manifest: this folder holds something else; use another")
+    return manifest
 
 
 def _shard_images(index: int, per_shard: int, n_images: int) -> int:

@@ -254,12 +254,7 @@ def analyze(model, datamodule, opts: Namespace) -> dict:
         r = measure(m, backbone, batches, masks, device)
         maps[mode] = r.pop("_maps")
         results["modes"][mode] = r
-    out = (
-        Path(opts.out)
-        if opts.out
-        else (Path(opts.ckpt_path).parent / "analysis" if opts.ckpt_path else Path("analysis"))
-    )
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(opts.out)  # checked writable by the CLI before the work started
     (out / "analysis.json").write_text(json.dumps(results, indent=2))
     plot(results, out)
     plot_maps(batches[0][0], masks[0], maps, out)

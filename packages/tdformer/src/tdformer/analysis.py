@@ -156,12 +156,7 @@ def analyze(model, datamodule, opts: Namespace) -> dict:
     finally:
         if trained_feedback is not None:
             net.feedback = trained_feedback
-    out = (
-        Path(opts.out)
-        if opts.out
-        else (Path(opts.ckpt_path).parent / "analysis" if opts.ckpt_path else Path("analysis"))
-    )
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(opts.out)  # checked writable by the CLI before the work started
     (out / "analysis.json").write_text(json.dumps(results, indent=2))
     plot(results, out)
     summary = {

@@ -1,7 +1,7 @@
 """Brain data: NSD and Algonauts 2023 readers, and the synthetic subject on pycortex's S1."""
 
 from .algonauts import AlgonautsSubject, load_algonauts, read_mapping
-from .errors import BrainDataError
+from .errors import BrainDataError, BrainDataWarning
 from .labels import NSD_LABELS, read_ctab
 from .nsd import (
     ExpDesign,
@@ -10,8 +10,11 @@ from .nsd import (
     load_expdesign,
     load_nsd_betas,
     noise_ceiling,
+    nsd_image_ids,
     read_session_betas,
     roi_masks,
+    session_trials,
+    volume_at,
     zscore,
 )
 
@@ -19,6 +22,7 @@ __all__ = [
     "NSD_LABELS",
     "AlgonautsSubject",
     "BrainDataError",
+    "BrainDataWarning",
     "ExpDesign",
     "NSDResponses",
     "average_repeats",
@@ -26,9 +30,12 @@ __all__ = [
     "load_expdesign",
     "load_nsd_betas",
     "noise_ceiling",
+    "nsd_image_ids",
     "read_ctab",
     "read_mapping",
     "read_session_betas",
     "roi_masks",
+    "session_trials",
+    "volume_at",
     "zscore",
 ]

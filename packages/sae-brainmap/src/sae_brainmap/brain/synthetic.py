@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .labels import read_ctab
-from .nsd import NSD_SCALE, load_nsd_betas, load_volume, roi_masks
+from .nsd import NSD_SCALE, load_nsd_betas, roi_masks, volume_at
 from .s1 import Anatomy
 
 EARLY_ROIS = ("V1", "V2", "V3")
@@ -141,6 +141,6 @@ def load_synthetic_subject(path: str | Path) -> SyntheticSubject:
         idx = np.array([key[tuple(v)] for v in data.voxels])
         roi, layer, latent, ncsnr = (gt[k][idx] for k in ("roi", "layer", "latent", "ncsnr"))
         offset = gt["offset"]
-    nc_vol, _ = load_volume(root / "ncsnr.nii.gz")
-    assert np.allclose(nc_vol[mask], ncsnr, atol=1e-6)  # the volume and the ground truth agree
+    nc = volume_at(root / "ncsnr.nii.gz", data.voxels, mask.shape, "ncsnr")  # the kept voxels' values
+    assert np.allclose(nc, ncsnr, atol=1e-6)  # the volume and the ground truth agree
     return SyntheticSubject(data.responses, data.images, roi, layer, latent, ncsnr, data.voxels, offset)

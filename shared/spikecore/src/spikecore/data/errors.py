@@ -1,7 +1,9 @@
 """The one error a data module raises when its files are not where it expects them."""
 
+from ..errors import UserError
 
-class DatasetNotFoundError(FileNotFoundError):
+
+class DatasetNotFoundError(UserError, FileNotFoundError):
     """A dataset's files are missing or not laid out as expected; the message names the layout."""
 
 

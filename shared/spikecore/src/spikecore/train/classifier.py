@@ -56,6 +56,9 @@ class SpikingClassifier(pl.LightningModule):
         init_weights: str | None = None,
     ):
         super().__init__()
+        _check_recipe(
+            T=T, num_classes=num_classes, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs
+        )
         self.save_hyperparameters()
         self.net = self.build_network(arch, num_classes=num_classes, T=T, **(arch_kwargs or {}))
         self.mixup_fn = self._make_mixup()
@@ -83,17 +86,11 @@ class SpikingClassifier(pl.LightningModule):
         return self.net(x)
 
     def load_initial_weights(self, path: str) -> None:
-        """Weights of ``path`` into the network (read with ``weights_only=True``); a clear error if they do
-        not fit."""
-        from .checkpoint import CheckpointError, load_checkpoint, load_weights
+        """Weights of ``path`` (a checkpoint of ``fit`` or a plain state dict, read safely) into the network;
+        a clear error if they do not fit."""
+        from .checkpoint import load_state_dict_file, load_weights
 
-        try:
-            state = load_checkpoint(path)["state_dict"]
-        except CheckpointError as err:
-            if "no 'state_dict'" not in str(err):
-                raise
-            state = torch.load(path, map_location="cpu", weights_only=True)  # a plain state dict
-        state = {k.removeprefix("net."): v for k, v in state.items()}
+        state = {k.removeprefix("net."): v for k, v in load_state_dict_file(path).items()}
         target = self.net
         backbone = getattr(self.net, "backbone", None)
         if backbone is not None and not any(k.startswith("backbone.") for k in state):
@@ -190,3 +187,20 @@ class SpikingClassifier(pl.LightningModule):
             opt, lambda step: warmup_cosine(step, total, warmup, min_ratio)
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def _check_recipe(**values: float) -> None:
+    """One clear error for a recipe value that cannot work (``--model.T -2``), before anything is built."""
+    from ..errors import ConfigError
+
+    rules = {
+        "T": (lambda v: isinstance(v, int) and v >= 1, "a positive integer"),
+        "num_classes": (lambda v: isinstance(v, int) and v >= 1, "a positive integer"),
+        "lr": (lambda v: v > 0, "> 0"),
+        "weight_decay": (lambda v: v >= 0, ">= 0"),
+        "warmup_epochs": (lambda v: v >= 0, ">= 0"),
+    }
+    for key, value in values.items():
+        ok, allowed = rules[key]
+        if not ok(value):
+            raise ConfigError(f"model.{key} must be {allowed}, got {value!r}")
