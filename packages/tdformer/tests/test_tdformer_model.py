@@ -5,6 +5,7 @@ import torch
 
 import spikecore
 import tdformer
+from spikecore.models import TimeMajorDropPath
 from tdformer import TDFormer, create_model, list_models
 
 # Tiny versions of each family (every constructor argument the real ones have, small values).
@@ -130,6 +131,31 @@ def test_segments_carry_the_membrane_like_one_run():
         full = plain.forward_features(plain.to_sequence(x))
     torch.testing.assert_close(torch.cat(feats), full, rtol=0, atol=0)
     assert full.sum() > 0
+
+
+def test_stochastic_depth_draws_once_for_all_segments():
+    """Training-mode stochastic depth (eval-mode BN, no feedback): the 2 segments equal one run of the
+    backbone over all T steps with the same draws, i.e. a sample's branch is dropped in every segment
+    alike, not drawn again per segment."""
+    torch.manual_seed(0)
+    x = sample("spikformer_4_384", batch=8)
+    td = lively(tiny("tdformer_spikformer_4_384", segments=2, feedback=False, drop_path_rate=0.5), x)
+    plain = tiny("spikformer_4_384", drop_path_rate=0.5)
+    plain.load_state_dict(td.backbone.state_dict())
+    plain.eval()
+    paths = [m for net in (td, plain) for m in net.modules() if isinstance(m, TimeMajorDropPath)]
+    assert len(paths) == 4  # block 1 of 2 in each: attention and MLP branches
+    for m in paths:
+        m.train()
+    with torch.no_grad():
+        torch.manual_seed(1)
+        _, feats = td.forward_segments(x, return_features=True)
+        torch.manual_seed(1)
+        full = plain.forward_features(plain.to_sequence(x))
+        undropped = plain.eval().forward_features(plain.to_sequence(x))
+    torch.testing.assert_close(torch.cat(feats), full, rtol=0, atol=0)
+    assert not torch.equal(full, undropped) and full.sum() > 0  # some branch was dropped
+    assert all(m._mask is None for m in paths)  # the held masks are released after the forward pass
 
 
 def _second_segment_output(model: TDFormer, seq: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,8 @@ backbone with the neuron state carried from one segment to the next (the backbon
 neurons; ``carry_state=False`` resets it between segments instead, an ablation). The backbone follows
 ``spikecore.models``' interface: ``forward_stem``/``forward_features(x, extras)``/``forward_head``,
 ``num_features``, ``block_dims``, ``default_feedback_blocks``. Training weights the segments' losses;
-inference uses the last segment's output.
+inference uses the last segment's output. Stochastic depth (the backbone's ``drop_path_rate``) drops a
+sample's branch in every segment alike: the segments are one sequence.
 """
 
 from collections.abc import Sequence
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 import spikecore
+from spikecore.models import hold_drop_path_masks
 
 from .feedback import ControlModule, ProcessingModule
 
@@ -84,17 +86,18 @@ class TDFormer(nn.Module):
             raise ValueError(f"T={seq.shape[0]} steps cannot be split into {self.segments} equal segments")
         spikecore.reset(self)  # a new sample: no state from the previous batch
         logits, feats, s_td = [], [], None
-        for n, chunk in enumerate(seq.chunk(self.segments)):
-            if n and not self.carry_state:
-                spikecore.reset(self.backbone)
-            extras = None
-            if s_td is not None:
-                extras = {i: self.control[str(i)](s_td) for i in self.feedback_blocks}
-            h = self.backbone.forward_features(chunk, extras)
-            logits.append(self.backbone.forward_head(h))
-            feats.append(h)
-            if self.feedback and n + 1 < self.segments:
-                s_td = self.pm(tokens_last(h))
+        with hold_drop_path_masks(self.backbone):  # one stochastic-depth draw for the whole sequence
+            for n, chunk in enumerate(seq.chunk(self.segments)):
+                if n and not self.carry_state:
+                    spikecore.reset(self.backbone)
+                extras = None
+                if s_td is not None:
+                    extras = {i: self.control[str(i)](s_td) for i in self.feedback_blocks}
+                h = self.backbone.forward_features(chunk, extras)
+                logits.append(self.backbone.forward_head(h))
+                feats.append(h)
+                if self.feedback and n + 1 < self.segments:
+                    s_td = self.pm(tokens_last(h))
         return (logits, feats) if return_features else logits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ from .qkformer import QKFormer
 from .registry import create_model, list_models, register_model
 from .sdt import SpikeDrivenTransformer
 from .spikformer import Spikformer
+from .stochastic_depth import TimeMajorDropPath, drop_path, hold_drop_path_masks
 
 __all__ = [
     "ATTENTION",
@@ -20,7 +21,10 @@ __all__ = [
     "Spikformer",
     "SpikingBackbone",
     "SpikingBlock",
+    "TimeMajorDropPath",
     "create_model",
+    "drop_path",
+    "hold_drop_path_masks",
     "list_models",
     "make_attention",
     "qkformer",

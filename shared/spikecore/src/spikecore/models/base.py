@@ -20,12 +20,12 @@ class SpikingBackbone(nn.Module):
     """Base class of the spiking vision backbones (Spikformer, SDT v1, QKFormer).
 
     Constructor arguments common to every model: ``num_classes``, ``T`` (time steps for a static image),
-    ``in_chans``, ``img_size`` (int or (H, W); sets ``block_tokens``), ``drop_path_rate`` (stochastic depth,
-    linear over the blocks, 0 by default) and the neuron options ``tau`` (2.0), ``detach_reset`` (True),
-    ``surrogate`` ("sigmoid", alpha 4 by default), ``alpha``, ``backend`` ("auto") and ``stateful`` (False),
-    which go to every LIF and every attention module of the model (hard reset to 0, V_th 1.0, 0.5 after
-    attention maps). With ``stateful=True`` the membranes carry over between calls (e.g. TDFormer
-    segments) until ``spikecore.reset(model)``.
+    ``in_chans``, ``img_size`` (int or (H, W); sets ``block_tokens``), ``drop_path_rate`` (stochastic depth
+    per sample, the same at every time step; linear over the blocks, 0 by default) and the neuron options
+    ``tau`` (2.0), ``detach_reset`` (True), ``surrogate`` ("sigmoid", alpha 4 by default), ``alpha``,
+    ``backend`` ("auto") and ``stateful`` (False), which go to every LIF and every attention module of the
+    model (hard reset to 0, V_th 1.0, 0.5 after attention maps). With ``stateful=True`` the membranes carry
+    over between calls (e.g. TDFormer segments) until ``spikecore.reset(model)``.
 
     Data flow (``forward(x) == forward_head(forward_features(x_seq))``)::
 

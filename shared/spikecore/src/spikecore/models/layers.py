@@ -5,7 +5,6 @@ import inspect
 from typing import Any
 
 import torch
-from timm.layers import DropPath
 from torch import nn
 
 from ..attention.modules import (
@@ -17,6 +16,7 @@ from ..attention.modules import (
     TokenQKAttention,
 )
 from ..neuron.module import LIF
+from .stochastic_depth import TimeMajorDropPath
 
 __all__ = [
     "ATTENTION",
@@ -161,13 +161,18 @@ class SpikingBlock(nn.Module):
     to the attention input only; ``feedback`` goes to attention modules whose ``forward`` takes a
     ``feedback`` argument (FB-LiDiff). Extras are ``[T, B, D, N]`` (or ``[T, B, D, H, W]`` when ``x`` is).
     Spatial input ``[T, B, D, H, W]`` is accepted and returned in the same layout.
+
+    ``drop_path`` is stochastic depth per sample: in training each branch (attention, MLP; drawn
+    independently) of each sample is dropped with that probability at every time step alike, the kept ones
+    scaled by ``1 / (1 - drop_path)`` (:class:`~spikecore.models.stochastic_depth.TimeMajorDropPath`).
     """
 
     def __init__(self, attn: nn.Module, mlp: nn.Module, drop_path: float = 0.0):
         super().__init__()
         self.attn = attn
         self.mlp = mlp
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path_attn = TimeMajorDropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path_mlp = TimeMajorDropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     @property
     def branches(self) -> tuple[str, ...]:
@@ -207,6 +212,6 @@ class SpikingBlock(nn.Module):
             if not self.accepts_feedback:
                 raise ValueError(f"{type(self.attn).__name__} takes no feedback input")
             kwargs["feedback"] = feedback.flatten(3) if feedback.dim() == 5 else feedback
-        x = x + self.drop_path(self.attn(attn_in, **kwargs))
-        x = x + self.drop_path(self.mlp(x))
+        x = x + self.drop_path_attn(self.attn(attn_in, **kwargs))
+        x = x + self.drop_path_mlp(self.mlp(x))
         return x.reshape(shape)
