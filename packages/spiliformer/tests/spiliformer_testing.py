@@ -1,7 +1,10 @@
 """Helpers shared by the spiliformer tests (uniquely named: all packages' tests share one sys.path)."""
 
+import contextlib
 from pathlib import Path
+from unittest import mock
 
+import torch
 import yaml
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -47,3 +50,38 @@ def tiny_override(config: Path, tmp_path: Path, **trainer) -> Path:
     path = tmp_path / f"tiny_{config.stem}.yaml"
     path.write_text(yaml.safe_dump(override))
     return path
+
+
+# The classes of each paper config's data module (linked into the model by the CLI).
+DATASET_CLASSES = {
+    "CIFAR10DataModule": 10,
+    "CIFAR100DataModule": 100,
+    "CIFAR10DVSDataModule": 10,
+    "NCaltech101DataModule": 101,
+    "ImageNetDataModule": 1000,
+}
+
+
+@contextlib.contextmanager
+def weights_not_initialised():
+    """Build models without drawing their initial weights (parameters hold whatever memory held): the
+    ImageNet model is built in milliseconds instead of seconds, for tests of structure and counts."""
+    noop = lambda tensor, *args, **kwargs: tensor  # noqa: E731
+    with contextlib.ExitStack() as stack:
+        for name in ("kaiming_uniform_", "uniform_", "trunc_normal_", "normal_"):
+            stack.enter_context(mock.patch.object(torch.nn.init, name, noop))
+        yield
+
+
+def paper_model(stem: str, **overrides):
+    """The SpiLiFormerClassifier a paper config builds (``configs/<stem>.yaml``, its dataset's classes),
+    weights not initialised."""
+    from spiliformer import SpiLiFormerClassifier
+    from spiliformer.convert import config_model_hparams
+
+    path = CONFIGS / f"{stem}.yaml"
+    hp = config_model_hparams([path])
+    data = yaml.safe_load(path.read_text())["data"]["class_path"].rsplit(".", 1)[-1]
+    hp.update(num_classes=DATASET_CLASSES[data], **overrides)
+    with weights_not_initialised():
+        return SpiLiFormerClassifier(**hp)

@@ -2,11 +2,17 @@
 
     m_i = clamp(cos(Z_token, p_i), 0, 1)         p1, p2 in R^C learnable prompts; one scalar per token
     Zf  = (Z * m1 - Z * m2) * aug                 aug: 1.0 (CIFAR-10, ImageNet, DVS), 2.0 (CIFAR-100)
-    fb_k = Decoder_k(fb_prev),  Decoder = Linear(C, C, no bias) -> BN1d -> LIF   (DVS: no BN)
+    fb_k = Decoder_k(fb_prev)
 
-The decoders form a chain: ``"backward"`` (the CIFAR / DVS code) starts at the deepest FB block
-(fb_K = Dec_K(Zf), fb_(K-1) = Dec_(K-1)(fb_K), ...), ``"forward"`` (the ImageNet code) at the first.
+A decoder is ``Linear(C, C, no bias) -> BN1d -> LIF`` (the CIFAR-10, N-Caltech101 and ImageNet code),
+``BN1d -> Linear -> LIF`` (``bn_first``: the CIFAR-100 code) or ``Linear -> LIF`` (``bn=False``: the
+CIFAR10-DVS code). The decoders form a chain: ``"backward"`` (the CIFAR / DVS code) starts at the deepest
+FB block (fb_K = Dec_K(Zf), fb_(K-1) = Dec_(K-1)(fb_K), ...), ``"forward"`` (the ImageNet code) at the first.
 Shapes are tokens-last ``[T, B, C, N]``; every step t is decoded on its own (feedback at the same t).
+
+``authors_reshape`` reproduces the authors' CIFAR-10 / CIFAR10-DVS / N-Caltech101 decoder, whose last
+step reinterprets the token-major ``[N, C]`` spikes of each sample and step as ``[C, N]`` (a reshape where
+a transpose was meant), so that feedback channel c of token n is not the decoded value of (c, n).
 """
 
 from typing import Any
@@ -21,20 +27,53 @@ DECODER_ORDERS = ("backward", "forward")
 
 
 class FeedbackDecoder(nn.Module):
-    """``LIF(BN(Linear(x)))`` over the channels of ``[T, B, C, N]`` (``bn=False``: ``LIF(Linear(x))``)."""
+    """``LIF(BN(Linear(x)))`` over the channels of ``[T, B, C, N]``.
 
-    def __init__(self, dim: int, bn: bool = True, neuron: dict[str, Any] | None = None):
+    Args:
+        dim: C.
+        bn: BatchNorm1d in the decoder (``False``: ``LIF(Linear(x))``).
+        neuron: the LIF options (the backbone's).
+        bn_first: ``LIF(Linear(BN(x)))`` instead (the CIFAR-100 code).
+        authors_reshape: the authors' final reshape (see the module docstring); off by default.
+
+    The Linear weight is initialised trunc-normal(std 0.02), as the reference code's ``_init_weights``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        bn: bool = True,
+        neuron: dict[str, Any] | None = None,
+        bn_first: bool = False,
+        authors_reshape: bool = False,
+    ):
         super().__init__()
+        if bn_first and not bn:
+            raise ValueError("decoder_bn_first puts the decoder's BatchNorm first, but decoder_bn is off")
         self.linear = nn.Linear(dim, dim, bias=False)
+        nn.init.trunc_normal_(self.linear.weight, std=0.02)
         self.bn = nn.BatchNorm1d(dim) if bn else None
+        self.bn_first = bn_first
+        self.authors_reshape = authors_reshape
         self.lif = LIF(v_threshold=1.0, v_reset=0.0, **(neuron or {}))
+
+    def _bn(self, y: torch.Tensor) -> torch.Tensor:
+        T, B, C, N = y.shape
+        return self.bn(y.reshape(T * B, C, N)).reshape(T, B, C, N)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         T, B, C, N = x.shape
-        y = self.linear(x.transpose(2, 3)).transpose(2, 3)
-        if self.bn is not None:
-            y = self.bn(y.reshape(T * B, C, N)).reshape(T, B, C, N)
-        return self.lif(y)
+        y = self._bn(x) if self.bn is not None and self.bn_first else x
+        y = self.linear(y.transpose(2, 3)).transpose(2, 3)
+        if self.bn is not None and not self.bn_first:
+            y = self._bn(y)
+        s = self.lif(y)
+        if self.authors_reshape:  # the [N, C] spikes of each (t, b) read as [C, N]
+            s = s.transpose(2, 3).contiguous().reshape(T, B, C, N)
+        return s
+
+    def extra_repr(self) -> str:
+        return f"bn_first={self.bn_first}, authors_reshape={self.authors_reshape}"
 
 
 class FeedbackGenerator(nn.Module):
@@ -45,8 +84,10 @@ class FeedbackGenerator(nn.Module):
         n_blocks: number of FB blocks (one decoder each).
         aug: the factor on the masked difference.
         order: ``"backward"`` or ``"forward"`` decoder chain.
-        decoder_bn: BatchNorm in the decoders (the DVS code has none).
+        decoder_bn: BatchNorm in the decoders (the CIFAR10-DVS code has none).
         neuron: LIF options of the decoders (the backbone's).
+        decoder_bn_first: ``BN -> Linear -> LIF`` decoders (the CIFAR-100 code).
+        authors_reshape: the authors' decoder reshape (see the module docstring).
     """
 
     def __init__(
@@ -57,6 +98,8 @@ class FeedbackGenerator(nn.Module):
         order: str = "backward",
         decoder_bn: bool = True,
         neuron: dict[str, Any] | None = None,
+        decoder_bn_first: bool = False,
+        authors_reshape: bool = False,
     ):
         super().__init__()
         if order not in DECODER_ORDERS:
@@ -66,12 +109,17 @@ class FeedbackGenerator(nn.Module):
         self.aug = aug
         self.order = order
         self.prompts = nn.Parameter(torch.randn(2, dim))
-        self.decoders = nn.ModuleList(FeedbackDecoder(dim, decoder_bn, neuron) for _ in range(n_blocks))
+        self.decoders = nn.ModuleList(
+            FeedbackDecoder(dim, decoder_bn, neuron, decoder_bn_first, authors_reshape)
+            for _ in range(n_blocks)
+        )
 
     def masks(self, z: torch.Tensor) -> torch.Tensor:
-        """``[2, T, B, 1, N]``: clamp(cos(Z_token, p_i), 0, 1); a silent token gets 0."""
-        p = self.prompts.to(z.dtype)[:, None, None, :, None]  # [2, 1, 1, C, 1]
-        return F.cosine_similarity(z.unsqueeze(0), p, dim=3, eps=1e-8).clamp(0, 1).unsqueeze(3)
+        """``[2, T, B, 1, N]``: clamp(cos(Z_token, p_i), 0, 1) as ``normalize(Z_token) . normalize(p_i)``;
+        a silent token gets 0."""
+        zn = F.normalize(z, dim=2)  # [T, B, C, N], each token a unit vector (or 0)
+        p = F.normalize(self.prompts.to(z.dtype), dim=1)  # [2, C]
+        return torch.einsum("tbcn,kc->ktbn", zn, p).clamp(0, 1).unsqueeze(3)
 
     def forward(self, z: torch.Tensor) -> list[torch.Tensor]:
         """Feedback maps for the FB blocks, in block order, each shaped like ``z``."""

@@ -10,6 +10,18 @@
 The backbone is a ``spikecore.models`` QKFormer whose last stage has FB-LiDiff attention (and no other
 stage has); :func:`lateral_inhibition_off` turns a SpiLiFormer into the plain QKFormer with the same
 weights (FF-LiDiff -> QKTA, FB-LiDiff -> SSA, no feedback, one pass).
+
+``authors_compat=True`` reproduces two behaviours of the authors' released code that differ from the
+paper (the default keeps the paper's computation):
+
+(a) the output LIF of every FB-LiDiff attention runs over the flattened ``T*B`` axis as if it were time
+    (the membrane is carried from sample to sample of the batch, so outputs depend on the batch's
+    composition and order): :class:`TimeBatchLIF`;
+(b) the decoders of the CIFAR-10, CIFAR10-DVS and N-Caltech101 code end with a reshape that reinterprets
+    each step's ``[N, C]`` spikes as ``[C, N]``, so feedback is not aligned with the tokens it modulates.
+    Those are the decoders built ``Linear -> [BN] -> LIF`` and chained backward; the CIFAR-100 decoder
+    (BN first) and the ImageNet one (forward chain) have no such reshape, so (b) is applied only when
+    ``decoder_order == "backward"`` and not ``decoder_bn_first``.
 """
 
 import copy
@@ -18,6 +30,7 @@ import torch
 from torch import nn
 
 import spikecore
+from spikecore import LIF
 from spikecore.attention import FBLiDiffAttention, FFLiDiffAttention, SpikingSelfAttention, TokenQKAttention
 
 from .attention import KVDifferenceAttention
@@ -31,7 +44,10 @@ class SpiLiFormer(nn.Module):
         backbone: a QKFormer whose last-stage blocks (and only those) have FB-LiDiff attention.
         aug: the feedback generator's factor (1.0; 2.0 for CIFAR-100).
         decoder_order: ``"backward"`` (CIFAR / DVS code) or ``"forward"`` (ImageNet code) decoder chain.
-        decoder_bn: BatchNorm in the feedback decoders (False in the DVS code).
+        decoder_bn: BatchNorm in the feedback decoders (False in the CIFAR10-DVS code).
+        decoder_bn_first: decoders ``BN -> Linear -> LIF`` (the CIFAR-100 code) instead of
+            ``Linear -> BN -> LIF``.
+        authors_compat: reproduce the authors' code where it differs from the paper (module docstring).
     """
 
     def __init__(
@@ -40,6 +56,8 @@ class SpiLiFormer(nn.Module):
         aug: float = 1.0,
         decoder_order: str = "backward",
         decoder_bn: bool = True,
+        decoder_bn_first: bool = False,
+        authors_compat: bool = False,
     ):
         super().__init__()
         last = backbone.block_stage[-1]
@@ -52,9 +70,26 @@ class SpiLiFormer(nn.Module):
             )
         self.backbone = backbone
         self.feedback_blocks = fb_blocks
+        self.authors_compat = authors_compat
         self.generator = FeedbackGenerator(
-            backbone.num_features, len(fb_blocks), aug, decoder_order, decoder_bn, backbone.neuron
+            backbone.num_features,
+            len(fb_blocks),
+            aug,
+            decoder_order,
+            decoder_bn,
+            backbone.neuron,
+            decoder_bn_first=decoder_bn_first,
+            authors_reshape=authors_compat and decoder_order == "backward" and not decoder_bn_first,
         )
+        if authors_compat:
+            for i in fb_blocks:
+                attn = backbone.blocks[i].attn
+                attn.proj_lif = TimeBatchLIF.like(attn.proj_lif)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters kept out of weight decay (timm's hook): the prompts, as in the reference code (where
+        they are 1-D and timm's rule leaves them out)."""
+        return {"generator.prompts"}
 
     @property
     def T(self) -> int:
@@ -84,6 +119,33 @@ class SpiLiFormer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Inference: the second pass's logits."""
         return self.forward_passes(x)[1]
+
+
+class TimeBatchLIF(LIF):
+    """The authors' FB-LiDiff output neuron: a LIF run over ``[T, B, ...]`` flattened to ``T*B`` steps of
+    one sample (step ``t*B + b``), so each sample's membrane starts where the previous sample's ended.
+    Same options and state-dict entries as :class:`spikecore.LIF`."""
+
+    @classmethod
+    def like(cls, lif: LIF) -> "TimeBatchLIF":
+        if lif.w is not None:
+            raise ValueError("authors_compat takes a LIF with a fixed tau")
+        return cls(
+            tau=lif.tau,
+            v_threshold=lif.v_threshold,
+            v_reset=lif.v_reset,
+            decay_input=lif.decay_input,
+            detach_reset=lif.detach_reset,
+            surrogate=lif.surrogate,
+            alpha=lif.alpha,
+            backend=lif.backend,
+            stateful=lif.stateful,
+            store_v_seq=lif.store_v_seq,
+        )
+
+    def forward(self, x: torch.Tensor, v_init: torch.Tensor | None = None) -> torch.Tensor:
+        T, B = x.shape[:2]
+        return super().forward(x.reshape(T * B, 1, *x.shape[2:]), v_init).reshape(x.shape)
 
 
 def _plain(attn: nn.Module, neuron: dict) -> nn.Module:

@@ -3,7 +3,8 @@
 ``create_model("spiliformer_4_384")`` is SpiLiFormer on QKFormer HST-4-384 (FF-LiDiff in stages 1-2,
 FB-LiDiff in stage 3, feedback generator); ``create_model("qkformer_hst_4_384")`` the plain baseline from
 spikecore. Keyword overrides go to :class:`SpiLiFormer` when they are its options (``aug``,
-``decoder_order``, ``decoder_bn``) or ``kv_diff``, otherwise to the backbone builder.
+``decoder_order``, ``decoder_bn``, ``decoder_bn_first``, ``authors_compat``) or ``kv_diff``, otherwise to the
+backbone builder.
 """
 
 import difflib

@@ -28,8 +28,12 @@ class SpikingClassifier(pl.LightningModule):
         num_classes: classes of the data (linked from the data module by the CLI).
         T: time steps a static image is repeated over (event frames bring their own T).
         arch_kwargs: further keyword arguments of the model builder (e.g. ``drop_path_rate``, ``segments``).
-        lr, weight_decay, betas: AdamW; no weight decay on biases and norm weights (timm's convention).
+        lr, weight_decay, betas: AdamW; no weight decay on biases, norm weights and other 1-D parameters
+            (timm's convention), nor on the parameters the network names in its ``no_weight_decay()``
+            (timm's hook: names relative to the network, ``fnmatch`` patterns allowed).
         warmup_epochs, min_lr: linear warm-up, then cosine decay to ``min_lr``, updated every step.
+        cooldown_epochs: the last epochs of the run held at ``min_lr`` (timm's scheduler cool-down: the
+            cosine then reaches ``min_lr`` after ``max_epochs - cooldown_epochs`` epochs).
         label_smoothing: for the cross-entropy (and mixup's soft targets).
         mixup, cutmix: timm Mixup alphas (0 disables each); ``mixup_prob`` the chance a batch is mixed,
             ``mixup_switch_prob`` the chance of cutmix when both are on; ``mixup_off_epoch`` stops mixing
@@ -47,6 +51,7 @@ class SpikingClassifier(pl.LightningModule):
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_epochs: float = 20.0,
         min_lr: float = 1e-5,
+        cooldown_epochs: float = 0.0,
         label_smoothing: float = 0.1,
         mixup: float = 0.0,
         cutmix: float = 0.0,
@@ -57,7 +62,12 @@ class SpikingClassifier(pl.LightningModule):
     ):
         super().__init__()
         _check_recipe(
-            T=T, num_classes=num_classes, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs
+            T=T,
+            num_classes=num_classes,
+            lr=lr,
+            weight_decay=weight_decay,
+            warmup_epochs=warmup_epochs,
+            cooldown_epochs=cooldown_epochs,
         )
         self.save_hyperparameters()
         self.net = self.build_network(arch, num_classes=num_classes, T=T, **(arch_kwargs or {}))
@@ -173,18 +183,28 @@ class SpikingClassifier(pl.LightningModule):
         probs = self(x).float().softmax(-1)
         return {"pred": probs.argmax(-1), "probs": probs}
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names (of this module, ``fnmatch`` patterns) kept out of weight decay besides the 1-D
+        ones: the network's own ``no_weight_decay()`` (timm's hook), prefixed with ``net.``."""
+        hook = getattr(self.net, "no_weight_decay", None)
+        return {f"net.{name}" for name in hook()} if callable(hook) else set()
+
     def configure_optimizers(self):
         from timm.optim import param_groups_weight_decay
 
         hp = self.hparams
-        groups = param_groups_weight_decay(self, weight_decay=hp.weight_decay)
+        groups = param_groups_weight_decay(
+            self, weight_decay=hp.weight_decay, no_weight_decay_list=sorted(self.no_weight_decay())
+        )
         opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         epochs = max(self.trainer.max_epochs or 1, 1)
-        warmup = round(hp.warmup_epochs * total / epochs) if self.trainer.max_epochs else 0
+        per_epoch = total / epochs if self.trainer.max_epochs else 0
+        warmup = round(hp.warmup_epochs * per_epoch)
+        cosine_end = max(total - round(hp.get("cooldown_epochs", 0.0) * per_epoch), 1)
         min_ratio = hp.min_lr / hp.lr if hp.lr > 0 else 0.0
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda step: warmup_cosine(step, total, warmup, min_ratio)
+            opt, lambda step: warmup_cosine(step, cosine_end, warmup, min_ratio)
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -199,6 +219,7 @@ def _check_recipe(**values: float) -> None:
         "lr": (lambda v: v > 0, "> 0"),
         "weight_decay": (lambda v: v >= 0, ">= 0"),
         "warmup_epochs": (lambda v: v >= 0, ">= 0"),
+        "cooldown_epochs": (lambda v: v >= 0, ">= 0"),
     }
     for key, value in values.items():
         ok, allowed = rules[key]
