@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from spikecore.serialization import CheckpointError, check_finite, safe_torch_load
+from spikecore.serialization import CheckpointError, check_finite, safe_torch_load, state_dict_mismatch
 
 from .attention import KVDifferenceAttention
 from .model import SpiLiFormer
@@ -265,15 +265,10 @@ def convert_state_dict(
         if ours.endswith("_conv.weight") and ".mlp." in ours and value.dim() == 4:
             value = value.flatten(2)  # Conv2d 1x1 -> Conv1d
         out[ours] = value.clone()
-    missing = sorted(set(own) - set(out))
-    unexpected = sorted(set(out) - set(own)) + unmapped
-    shapes = [k for k in own if k in out and tuple(own[k].shape) != tuple(out[k].shape)]
-    if missing or unexpected or shapes:
-        detail = "; ".join(
-            f"{what} {keys[:4]}{' ...' if len(keys) > 4 else ''}"
-            for what, keys in (("missing", missing), ("not mapped", unexpected), ("other shapes", shapes))
-            if keys
-        )
+    not_mapped = sorted(set(out) - set(own)) + unmapped  # names ours lacks, or none of ours at all
+    fitting = {k: v for k, v in out.items() if k in own}
+    detail = state_dict_mismatch(own, fitting, extra={"not mapped": not_mapped})
+    if detail:
         raise CheckpointError(
             f"{source} does not fit this model ({detail}): use the config of the experiment it comes from"
         )

@@ -130,3 +130,24 @@ def check_finite(obj: Any, path: str | Path, what: str = "checkpoint") -> None:
             f"{what} {path} holds NaN or infinite values in {bad[0]!r}{more}: the run that wrote it "
             "diverged. Use an earlier checkpoint."
         )
+
+
+def state_dict_mismatch(
+    own: Mapping[str, torch.Tensor],
+    theirs: Mapping[str, torch.Tensor],
+    strict: bool = True,
+    extra: Mapping[str, list[str]] | None = None,
+    show: int = 4,
+) -> str:
+    """How ``theirs`` fails to fit ``own`` (names and shapes), as ``missing [...]; unexpected [...]; other
+    shapes [...]`` plus any ``extra`` groups; empty when it fits. ``strict=False`` ignores missing names
+    (a module that saves only part of itself)."""
+    groups = {
+        "missing": [k for k in own if k not in theirs] if strict else [],
+        "unexpected": [k for k in theirs if k not in own],
+        "other shapes": [k for k in own if k in theirs and tuple(own[k].shape) != tuple(theirs[k].shape)],
+        **(extra or {}),
+    }
+    return "; ".join(
+        f"{name} {keys[:show]}{' ...' if len(keys) > show else ''}" for name, keys in groups.items() if keys
+    )

@@ -35,7 +35,7 @@ from jsonargparse import Namespace
 from pytorch_lightning.cli import LightningCLI
 
 from ..errors import UserError, writable_dir
-from ..serialization import is_url
+from ..serialization import is_url, state_dict_mismatch
 from .callbacks import PredictionWriter, RunFolder, checkpoint_callbacks, latest_checkpoint, output_root
 from .checkpoint import CheckpointError, SafeCheckpointIO, load_checkpoint, load_weights
 
@@ -185,18 +185,10 @@ class SpikingCLI(SafeLightningCLI):
 
 def check_fits(model: pl.LightningModule, ckpt: dict, path: str | Path) -> None:
     """Refuse a checkpoint whose ``state_dict`` does not match ``model`` (names, shapes) before any work."""
-    own = model.state_dict()
-    theirs = ckpt["state_dict"]
     # A module that saves only part of itself (no frozen backbone) loads non-strictly, as Lightning does.
-    missing = [k for k in own if k not in theirs] if getattr(model, "strict_loading", True) else []
-    unexpected = [k for k in theirs if k not in own]
-    shapes = [k for k in own if k in theirs and tuple(own[k].shape) != tuple(theirs[k].shape)]
-    if missing or unexpected or shapes:
-        detail = "; ".join(
-            f"{name} {keys[:3]}{' ...' if len(keys) > 3 else ''}"
-            for name, keys in (("missing", missing), ("unexpected", unexpected), ("other shapes", shapes))
-            if keys
-        )
+    strict = getattr(model, "strict_loading", True)
+    detail = state_dict_mismatch(model.state_dict(), ckpt["state_dict"], strict=strict, show=3)
+    if detail:
         raise CheckpointError(
             f"{path} does not fit this model ({detail}). Use the config it was trained with."
         )
