@@ -214,6 +214,8 @@ def machine_line(doc: dict) -> str:
         "repeat_config",
         "repeat_x_sj",
         "repeat_ours_over_floor",
+        "repeat_x_sj_avx2",
+        "cpu_isa",
         "note",
     )
     extra = "".join(f", {k} {doc[k]}" for k in keys if doc.get(k) is not None)

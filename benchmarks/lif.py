@@ -10,7 +10,10 @@ Per config (T steps, N neurons, dtype), all in one run:
   fp32 initial membrane. On CPU that is its torch implementation; on CUDA its automatic choice, the first
   that loads of native CUDA, Triton, torch (``SJ_LIF_CUDA_IMPLEMENTATION`` overrides; the ``sj_impl``
   column says which ran);
-- ``eager``: ``spikecore.lif_multi_step(..., backend="torch")``, the plain PyTorch loop.
+- ``eager``: ``spikecore.lif_multi_step(..., backend="torch")``, the plain PyTorch loop;
+- ``ours_avx2`` (CPU, on an x86-64 CPU with AVX-512): ``ours`` with the C++ kernels built for AVX2 only
+  (``SPIKECORE_CPU_ISA=avx2``: ``-march=native -mno-avx512f``), what an AVX2-only machine runs; ``x_sj_avx2``
+  its speed-up over sj. The results record the CPU's widest vector ISA (``cpu_isa``).
 
 Columns: ``pass`` fwd (under no_grad) or fwd+bwd; ``*_ms`` median times; ``x_sj`` / ``x_eager`` our speed-up
 (their time / ours); ``floor_ms``: bytes the op must move over the measured copy bandwidth (forward reads x
@@ -23,7 +26,9 @@ note on allocators.
 """
 
 import argparse
+import contextlib
 import functools
+import os
 import resource
 import time
 
@@ -40,12 +45,15 @@ from _common import (
 )
 
 import spikecore
+from spikecore.neuron import _cpu_cpp
 
 LEGEND = (
     "ours = spikecore fused kernel, sj = spikingjelly 2.0 LIFNode (fp32; its lif_multi_step op for "
     "fp16/bf16), eager = PyTorch loop; "
-    "x_sj / x_eager = their ms / our ms; floor = bytes moved (fwd: x, s; bwd: grad s, x, grad x) / copy "
-    "bandwidth; saved_B = bytes saved for backward per neuron-step (saved_tensors_hooks); peak = CUDA peak "
+    "ours_avx2 = ours built for AVX2 only (on an AVX-512 CPU); "
+    "x_sj / x_eager = their ms / our ms; x_sj_avx2 = sj ms / ours_avx2 ms; "
+    "floor = bytes moved (fwd: x, s; bwd: grad s, x, grad x) / copy bandwidth; "
+    "saved_B = bytes saved for backward per neuron-step (saved_tensors_hooks); peak = CUDA peak "
     "MiB of one fwd+bwd; faults = minor page faults per fwd+bwd (CPU; allocations of 32 MiB and more are "
     "mapped afresh by glibc on every call)."
 )
@@ -71,7 +79,27 @@ def impls(device: str, ours_backend: str) -> dict:
         v0 = torch.zeros(x.shape[1:], dtype=torch.float32, device=x.device)
         return sj_lif(x, v0, 2.0, True, 1.0, 0.0, sg, True)[0]
 
-    return {"ours": ours, "sj": sj, "eager": eager}
+    fns = {"ours": ours, "sj": sj, "eager": eager}
+    if device == "cpu":
+        fns.update({f"ours_{isa}": ours for isa in _cpu_cpp.available_isas() if isa != "native"})
+    return fns
+
+
+@contextlib.contextmanager
+def isa_env(name: str):
+    """``SPIKECORE_CPU_ISA`` for the contender ``name`` (``ours_avx2``: avx2) over a forward+backward."""
+    isa = name.removeprefix("ours_") if name.startswith("ours_") else None
+    old = os.environ.get("SPIKECORE_CPU_ISA")
+    if isa:
+        os.environ["SPIKECORE_CPU_ISA"] = isa
+    try:
+        yield
+    finally:
+        if isa:
+            if old is None:
+                os.environ.pop("SPIKECORE_CPU_ISA", None)
+            else:
+                os.environ["SPIKECORE_CPU_ISA"] = old
 
 
 def sj_impl_name(device: str) -> str:
@@ -111,23 +139,26 @@ def bench_config(fns: dict, T: int, N: int, dtype: torch.dtype, device: str, bw_
     floor_bytes = {"fwd": T * N * 2 * esize, "fwd+bwd": T * N * 5 * esize}
     rows = {p: {"T": T, "N": N, "dtype": str(dtype).removeprefix("torch."), "pass": p} for p in floor_bytes}
 
-    def fwd(fn):
-        with torch.no_grad():
+    def fwd(fn, name=""):
+        with torch.no_grad(), isa_env(name):
             fn(x)
 
-    def fwd_bwd(fn):
-        xg.grad = None
-        fn(xg).backward(g)
+    def fwd_bwd(fn, name=""):
+        with isa_env(name):
+            xg.grad = None
+            fn(xg).backward(g)
 
     for p, step in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
-        times = time_many({name: functools.partial(step, fn) for name, fn in fns.items()}, device)
+        times = time_many({name: functools.partial(step, fn, name) for name, fn in fns.items()}, device)
         rows[p].update({f"{name}_ms": ms for name, ms in times.items()})
     for name, fn in fns.items():
         if rows["fwd+bwd"][f"{name}_ms"] is None:
             continue
         rows["fwd+bwd"][f"saved_B_{name}"] = saved_bytes(lambda fn=fn: fn(xg)) / (T * N)
         if device == "cpu" and name != "eager":
-            rows["fwd+bwd"][f"faults_{name}"] = page_faults_per_call(lambda fn=fn: fwd_bwd(fn))
+            rows["fwd+bwd"][f"faults_{name}"] = page_faults_per_call(
+                lambda fn=fn, name=name: fwd_bwd(fn, name)
+            )
         if device == "cuda" and name != "eager":
             xg.grad = None  # so that the baseline holds only the inputs
             rows["fwd+bwd"][f"peak_MiB_{name}"] = cuda_peak_bytes(lambda fn=fn: fwd_bwd(fn)) / 2**20
@@ -137,6 +168,9 @@ def bench_config(fns: dict, T: int, N: int, dtype: torch.dtype, device: str, bw_
         for other in ("sj", "eager"):
             if ours and r.get(f"{other}_ms"):
                 r[f"x_{other}"] = r[f"{other}_ms"] / ours
+        for name in fns:
+            if name.startswith("ours_") and r.get(f"{name}_ms") and r.get("sj_ms"):
+                r[f"x_sj_{name.removeprefix('ours_')}"] = r["sj_ms"] / r[f"{name}_ms"]
         r["floor_ms"] = floor_bytes[p] / (bw_gbs * 1e9) * 1e3
         if ours:
             r["ours/floor"] = ours / r["floor_ms"]
@@ -150,12 +184,14 @@ def headline_repeats(fns: dict, dev: str, n: int, args) -> dict:
     if args.quick or args.repeat <= 0:
         return {}
     T, dtype = (4, torch.float32) if dev == "cpu" else (4, torch.float16)
-    x_sj, over_floor = [], []
+    x_sj, over_floor, x_sj_avx2 = [], [], []
     for _ in range(args.repeat):
         bw = copy_bandwidth_gbs(dev, 2**28)
         row = bench_config(fns, T, n, dtype, dev, bw)[1]
         if row.get("x_sj"):
             x_sj.append(row["x_sj"])
+        if row.get("x_sj_avx2"):
+            x_sj_avx2.append(row["x_sj_avx2"])
         over_floor.append(row["ours/floor"])
 
     def spread(v):
@@ -165,13 +201,14 @@ def headline_repeats(fns: dict, dev: str, n: int, args) -> dict:
     label = f"T{T}_{str(dtype).removeprefix('torch.')}_N{n}_fwd_bwd"
     print(
         f"{args.repeat} repeats of {label}: x_sj min/median/max {spread(x_sj)}, "
-        f"ours/floor {spread(over_floor)}"
+        f"ours/floor {spread(over_floor)}" + (f", x_sj_avx2 {spread(x_sj_avx2)}" if x_sj_avx2 else "")
     )
     return {
         "repeats": args.repeat,
         "repeat_config": label,
         "repeat_x_sj": spread(x_sj),
         "repeat_ours_over_floor": spread(over_floor),
+        **({"repeat_x_sj_avx2": spread(x_sj_avx2)} if x_sj_avx2 else {}),
     }
 
 
@@ -202,6 +239,10 @@ def main(argv=None) -> None:
     fns = impls(dev, args.ours_backend or ("cpu" if dev == "cpu" else "triton"))
     first_call_s = first_call(fns["ours"], dev)
     bw = copy_bandwidth_gbs(dev, 2**22 if args.quick else 2**28)
+    for name in fns:
+        if name.startswith("ours_"):
+            with isa_env(name):
+                first_call(fns[name], dev)  # its build, outside the timings
     print(f"copy bandwidth {bw:.1f} GB/s; ours first call {first_call_s:.2f} s; sj: {sj_impl_name(dev)}")
     rows = []
     for T, n, dt in configs:
@@ -217,6 +258,7 @@ def main(argv=None) -> None:
         rows,
         write=not args.quick,
         copy_bw_gbs=round(bw, 1),
+        **({"cpu_isa": _cpu_cpp.vector_isa()} if dev == "cpu" else {}),
         ours_first_call_s=round(first_call_s, 2),
         legend=LEGEND,
         **repeats,

@@ -10,7 +10,11 @@ import pytest
 import torch
 
 import spikecore
+from spikecore.neuron import _cpu_cpp
 from spikecore.neuron.surrogate import SURROGATES
+
+# cpu:avx2 (on an AVX-512 machine): the C++ kernels built as an AVX2-only machine gets them.
+CPU_ISAS = [f"cpu:{isa}" for isa in _cpu_cpp.available_isas() if isa != "native"]
 
 # Tiny shapes for the Triton interpreter; odd sizes for the CPU kernel's vector tails.
 SHAPES = {"cpu": (5, 3, 37), "triton": (5, 23)}
@@ -22,10 +26,15 @@ CONFIGS = list(itertools.product([0.0, None], [False, True], [True, False], sort
 
 @pytest.fixture(autouse=True)
 def _cpu_kernels(request, monkeypatch):
-    """``cpu:numba`` is the cpu backend on its numba kernels (the fallback where C++ cannot be built)."""
+    """``cpu:numba`` is the cpu backend on its numba kernels (the fallback where C++ cannot be built);
+    ``cpu:<isa>`` its C++ kernels built for that vector ISA (``SPIKECORE_CPU_ISA``)."""
     params = getattr(request.node, "callspec", None)
-    if params is not None and params.params.get("backend") == "cpu:numba":
+    backend = params.params.get("backend", "") if params is not None else ""
+    if backend == "cpu:numba":
         monkeypatch.setenv("SPIKECORE_CPU_KERNELS", "numba")
+    elif backend.startswith("cpu:"):
+        monkeypatch.setenv("SPIKECORE_CPU_KERNELS", "cpp")
+        monkeypatch.setenv("SPIKECORE_CPU_ISA", backend.split(":")[1])
 
 
 def _backend(name):
@@ -54,7 +63,7 @@ def _run(backend, x, v0, gs, gv, **kw):
     return s, v, x.grad, v0.grad
 
 
-@pytest.mark.parametrize("backend", ["cpu", "cpu:numba", "triton"])
+@pytest.mark.parametrize("backend", ["cpu", *CPU_ISAS, "cpu:numba", "triton"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(("v_reset", "detach_reset", "decay_input", "surrogate"), CONFIGS)
 def test_backend_matches_reference(backend, dtype, v_reset, detach_reset, decay_input, surrogate):
@@ -81,7 +90,7 @@ def test_backend_matches_reference(backend, dtype, v_reset, detach_reset, decay_
     torch.testing.assert_close(gv0, gv0_ref, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "cpu:numba", "triton", "torch"])
+@pytest.mark.parametrize("backend", ["cpu", *CPU_ISAS, "cpu:numba", "triton", "torch"])
 @pytest.mark.parametrize("v_reset", [0.0, None])
 def test_segments_equal_one_run(backend, v_reset):
     """T steps as segments with v carried equal one T-step run, forward and backward (TDFormer)."""
@@ -106,7 +115,7 @@ def test_segments_equal_one_run(backend, v_reset):
     torch.testing.assert_close(v_start.grad, gv0_full)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "cpu:numba", "triton"])
+@pytest.mark.parametrize("backend", ["cpu", *CPU_ISAS, "cpu:numba", "triton"])
 @pytest.mark.parametrize("decay_input", [True, False])
 def test_per_neuron_tau_gradient(backend, decay_input):
     """PLIF: a learnable tau tensor (broadcast over the batch) gets the reference's gradient."""
@@ -127,7 +136,7 @@ def test_per_neuron_tau_gradient(backend, decay_input):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "cpu:numba", "triton", "torch"])
+@pytest.mark.parametrize("backend", ["cpu", *CPU_ISAS, "cpu:numba", "triton", "torch"])
 def test_v_seq_and_any_stride(backend):
     backend = _backend(backend)
     dev = _device(backend)
@@ -143,7 +152,7 @@ def test_v_seq_and_any_stride(backend):
     assert s.shape == x.shape and v_seq.shape == x.shape and v.shape == x.shape[1:]
 
 
-@pytest.mark.parametrize("backend", ["cpu", "cpu:numba", "triton"])
+@pytest.mark.parametrize("backend", ["cpu", *CPU_ISAS, "cpu:numba", "triton"])
 def test_fp16_saves_at_most_two_bytes_per_neuron_step(backend):
     """Only x (in its dtype) is kept for backward: 2 bytes per neuron-step for fp16/bf16."""
     backend = _backend(backend)

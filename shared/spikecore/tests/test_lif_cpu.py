@@ -13,7 +13,15 @@ import pytest
 import torch
 
 from spikecore import lif_multi_step, lif_reference
-from spikecore.neuron import _cpu
+from spikecore.neuron import _cpu, _cpu_cpp
+
+
+@pytest.fixture(autouse=True, params=_cpu_cpp.available_isas())
+def isa(request, monkeypatch):
+    """Every test on each vector ISA build of the C++ kernels that runs here (``native``, and ``avx2`` on an
+    AVX-512 machine: the build an AVX2-only machine gets)."""
+    monkeypatch.setenv("SPIKECORE_CPU_ISA", request.param)
+    return request.param
 
 
 def _run(fn, x, v0, tau, gs, gv, **kw):

@@ -25,10 +25,53 @@ def _put_ninja_on_path() -> None:
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
-def _flags() -> list[str]:
+ISAS = ("native", "avx2")
+
+
+def _is_x86() -> bool:
+    return platform.machine() in ("x86_64", "AMD64")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for ln in Path("/proc/cpuinfo").read_text().splitlines():
+            if ln.startswith("flags"):
+                return set(ln.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def vector_isa() -> str:
+    """The widest vector instruction set of this CPU, as the native build uses it."""
+    if _is_x86():
+        flags = _cpu_flags()
+        return next((f for f in ("avx512f", "avx2", "avx") if f in flags), "sse2")
+    return "neon" if platform.machine() in ("aarch64", "arm64") else platform.machine()
+
+
+def available_isas() -> tuple[str, ...]:
+    """ISA builds that run here and differ: ``native``, plus ``avx2`` on an x86-64 CPU with AVX-512."""
+    return ("native", "avx2") if _is_x86() and {"avx2", "avx512f"} <= _cpu_flags() else ("native",)
+
+
+def _isa() -> str:
+    isa = os.environ.get("SPIKECORE_CPU_ISA", "native")
+    if isa not in ISAS:
+        raise ValueError(f"SPIKECORE_CPU_ISA must be one of {', '.join(ISAS)}, got {isa!r}")
+    if isa == "avx2" and not _is_x86():
+        raise ValueError("SPIKECORE_CPU_ISA=avx2 needs an x86-64 CPU")
+    return isa
+
+
+def _flags(isa: str = "native") -> list[str]:
     flags = ["-O3", "-fopenmp"]
-    if platform.machine() in ("x86_64", "AMD64", "aarch64", "arm64"):
-        flags.append("-march=native" if platform.machine() in ("x86_64", "AMD64") else "-mcpu=native")
+    if _is_x86():
+        flags.append("-march=native")
+        if isa == "avx2":
+            flags.append("-mno-avx512f")  # turns off every AVX-512 extension with it
+    elif platform.machine() in ("aarch64", "arm64"):
+        flags.append("-mcpu=native")
     return flags
 
 
@@ -49,21 +92,22 @@ def extension():
     choice = os.environ.get("SPIKECORE_CPU_KERNELS", "auto")
     if choice not in ("auto", "cpp", "numba"):
         raise ValueError(f"SPIKECORE_CPU_KERNELS must be auto, cpp or numba, got {choice!r}")
-    return None if choice == "numba" else _build(choice == "cpp")
+    return None if choice == "numba" else _build(choice == "cpp", _isa())
 
 
 @functools.cache
-def _build(required: bool):
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(_flags()).encode() + _cpu_fingerprint().encode())
+def _build(required: bool, isa: str = "native"):
+    flags = _flags(isa)
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode() + _cpu_fingerprint().encode())
     try:
         from torch.utils.cpp_extension import load
 
         _put_ninja_on_path()
 
         return load(
-            name=f"spikecore_lif_cpu_{key.hexdigest()[:12]}",
+            name=f"spikecore_lif_cpu_{isa}_{key.hexdigest()[:12]}",
             sources=[str(SOURCE)],
-            extra_cflags=_flags(),
+            extra_cflags=flags,
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )

@@ -13,12 +13,17 @@
 // loop runs over neurons with no branches, so the compiler turns it into SIMD instructions.
 //
 // Arithmetic is float32 in the reference's operation order (no fast-math): fp32 spikes are bit-identical
-// to lif_reference. The sigmoid surrogate (the default; its exp and division were ~40% of the backward's
-// time) has a hand-written AVX-512 row where the CPU has it. Surrogate ids follow surrogate.py.
+// to lif_reference. The backward's rows (every surrogate's derivative, and the gradient row) are written
+// with GCC/Clang vector types (vf below), which compile to AVX-512, AVX2 or NEON from the same code: left
+// to the auto-vectoriser, the fp32 gradient row and some surrogates stayed scalar without AVX-512's masks
+// (an AVX2 build was 4x slower on the backward). The sigmoid surrogate (the default; its exp and division
+// were ~40% of the backward's time) also has a hand-written AVX-512 row, used where the CPU has it.
+// Surrogate ids follow surrogate.py.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -30,7 +35,8 @@
 
 namespace {
 
-constexpr int L = 32;  // neurons per vector: two AVX-512 registers of floats (measured best of 16, 32, 64)
+constexpr int L = 32;  // neurons per vector: two AVX-512 registers of floats (measured best of 16, 32, 64;
+                       // also best for an AVX2 build: 16 was 1.25x slower at T = 4)
 constexpr int kMaxBlock = 512;  // neurons per tile, at most (the per-tile arrays live on the stack)
 constexpr int64_t kMinTilesT = 10;  // the backward walks tiles from this many steps on, vectors below
 
@@ -53,10 +59,42 @@ inline float exp_poly(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   const float y = p * (r * r) + r + 1.f;
-  union { float f; uint32_t u; } two_n;
-  two_n.f = kf;
-  two_n.u <<= 23;  // kf's low mantissa bits hold 127 + n: shifted, they are the bits of 2^n
-  return y * two_n.f;
+  // kf's low mantissa bits hold 127 + n: shifted, they are the bits of 2^n
+  return y * std::bit_cast<float>(std::bit_cast<uint32_t>(kf) << 23);
+}
+
+// The same in VW lanes with GCC/Clang vector types, which compile to AVX-512, AVX2/AVX or NEON alike: the
+// portable vector path of the rows below (the compiler does not always vectorise the scalar loops, and
+// never for every surrogate on every ISA).
+#if defined(__AVX512F__)
+constexpr int VW = 16;
+#else
+constexpr int VW = 8;  // two NEON registers, one AVX register
+#endif
+typedef float vf __attribute__((vector_size(VW * 4)));
+typedef int32_t vi __attribute__((vector_size(VW * 4)));
+typedef float vf_u __attribute__((vector_size(VW * 4), aligned(4), may_alias));  // for loads and stores
+
+inline __attribute__((always_inline)) vf splat(float x) { return vf{} + x; }
+inline __attribute__((always_inline)) vf vmax(vf a, vf b) { return a > b ? a : b; }
+inline __attribute__((always_inline)) vf vmin(vf a, vf b) { return a < b ? a : b; }
+inline __attribute__((always_inline)) vf vabs(vf a) { return (vf)((vi)a & 0x7fffffff); }
+inline __attribute__((always_inline)) vf vload(const float* p) { return *reinterpret_cast<const vf_u*>(p); }
+inline __attribute__((always_inline)) void vstore(float* p, vf v) { *reinterpret_cast<vf_u*>(p) = v; }
+
+inline __attribute__((always_inline)) vf exp_poly(vf x) {  // exp_poly's arithmetic, lane by lane
+  x = vmin(vmax(x, splat(-87.f)), splat(88.f));
+  const vf kf = x * 1.4426950408889634f + 12583039.f;
+  const vf nf = kf - 12583039.f;
+  const vf r = x - nf * 0.693359375f - nf * -2.12194440e-4f;
+  vf p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const vf y = p * (r * r) + r + 1.f;
+  return y * (vf)((vi)kf << 23);
 }
 
 template <int SID>
@@ -83,6 +121,34 @@ inline float surrogate(float z, float a) {
     return (a * 0.5641895835477563f) * exp_poly(-(w * w));
   } else {  // rect
     return std::fabs(z) < 0.5f * a ? 1.f / a : 0.f;
+  }
+}
+
+// surrogate<SID> in VW lanes, the same arithmetic.
+template <int SID>
+inline __attribute__((always_inline)) vf surrogate(vf z, float a) {
+  if constexpr (SID == 0) {
+    const vf e = exp_poly(-vabs(z * a));
+    const vf d = 1.f + e;
+    return a * e / (d * d);
+  } else if constexpr (SID == 1) {
+    const vf w = (1.5707963267948966f * a) * z;
+    return (0.5f * a) / (1.f + w * w);
+  } else if constexpr (SID == 2) {
+    return vmax(splat(0.f), a - (a * a) * vabs(z));
+  } else if constexpr (SID == 3) {
+    return (0.5f * a) * exp_poly(-a * vabs(z));
+  } else if constexpr (SID == 4) {
+    const vf d = 1.f / a + vabs(z);
+    return 1.f / ((2.f * a) * d * d);
+  } else if constexpr (SID == 5) {
+    const vf d = 1.f + vabs(z);
+    return a / (d * d);
+  } else if constexpr (SID == 6) {
+    const vf w = a * z;
+    return (a * 0.5641895835477563f) * exp_poly(-(w * w));
+  } else {
+    return vabs(z) < 0.5f * a ? splat(1.f / a) : splat(0.f);
   }
 }
 
@@ -207,13 +273,14 @@ inline __attribute__((always_inline)) void sigmoid_row_avx512(const float* h, fl
 // sigma'(H - V_th) for the lanes of one step.
 template <int SID>
 inline __attribute__((always_inline)) void surrogate_row(const float* h, float vth, float a, float* sg, int n) {
-#pragma omp simd
-  for (int l = 0; l < n; ++l) sg[l] = surrogate<SID>(h[l] - vth, a);
+  int l = 0;
+  for (; l + VW <= n; l += VW) vstore(sg + l, surrogate<SID>(vload(h + l) - vth, a));
+  for (; l < n; ++l) sg[l] = surrogate<SID>(h[l] - vth, a);
 }
 
 inline __attribute__((always_inline)) void surrogate_row(int sid, const float* h, float vth, float a, float* sg, int n) {
   switch (sid) {
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && !defined(SPIKECORE_PORTABLE_SIGMOID)
     case 0: sigmoid_row_avx512(h, vth, a, sg, n); break;
 #else
     case 0: surrogate_row<0>(h, vth, a, sg, n); break;
@@ -268,8 +335,18 @@ void backward_block(const Params& p, int sid, const scalar_t* __restrict__ x, co
     scalar_t* __restrict__ gxr = gx + t * N + j0;
     surrogate_row(sid, hr, vth, alpha, sg, n);
     if constexpr (std::is_same_v<scalar_t, float>) {
-#pragma omp simd
-      for (int l = 0; l < n; ++l) {
+      // In vector types: GCC leaves this loop scalar (a branch on the spike) without AVX-512's masks.
+      int l = 0;
+      for (; l + VW <= n; l += VW) {
+        const vf gv = vload(carry + l), h = vload(hr + l);
+        vf keep = splat(1.f);
+        if constexpr (!SOFT) keep = (h - vth) < 0.f ? keep : splat(0.f);
+        const vf g = (vload(gr + l) + gv * (cm * (vr - h) + ca)) * vload(sg + l) + gv * keep;
+        vstore(carry + l, g * vload(decay + l));
+        vstore(gh + l, g);
+        vstore(gxr + l, g * vload(inv_tdiv + l));
+      }
+      for (; l < n; ++l) {
         const float gv = carry[l];
         const float keep = (SOFT || (hr[l] - vth) < 0.f) ? 1.f : 0.f;
         const float g = (gr[l] + gv * (cm * (vr - hr[l]) + ca)) * sg[l] + gv * keep;
