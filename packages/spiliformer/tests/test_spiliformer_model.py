@@ -20,7 +20,7 @@ from spiliformer import (
     list_models,
 )
 
-# Published parameter counts (millions): spiliformer.md / the table.
+# Published parameter counts (millions): the paper's tables.
 PUBLISHED = {
     "spiliformer_4_384": 7.04,
     "spiliformer_2_256_dvs": 1.57,

@@ -20,7 +20,7 @@ TINY = {
 }
 DVS = {"spikformer_2_256_dvs", "sdt_2_256", "qkformer_hst_2_256"}
 
-# Published parameter counts (millions): tdformer.md / the table.
+# Published parameter counts (millions): the paper's tables.
 PUBLISHED = {
     "spikformer_4_384": 9.32,
     "tdformer_spikformer_4_384": 9.92,

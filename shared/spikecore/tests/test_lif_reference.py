@@ -1,4 +1,4 @@
-"""The reference loop and the backward recurrence of spikecore.md, checked in float64.
+"""The reference loop and its backward recurrence, checked in float64.
 
 1. The spec's reverse-time recurrence (what the fused kernels implement), wrapped as the backward of a
    smooth LIF (spike = g(H - V_th), g' = the surrogate), passes ``gradcheck`` against finite differences.
@@ -30,7 +30,7 @@ def smooth_forward(x, v0, tau, soft, decay_input, spike):
 
 
 def spec_backward(x, hs, ss, vps, gs, gv, tau, soft, detach, decay_input, dsig):
-    """The reverse-time recurrence exactly as written in spikecore.md section 1."""
+    """The reverse-time recurrence exactly as written in reference.py."""
     vr = 0.0 if soft else VRESET
     carry, gx, gtau = gv, torch.empty_like(x), torch.zeros_like(gv)
     for t in reversed(range(x.shape[0])):

@@ -1,6 +1,6 @@
 """TDFormer's feedback path: the processing module (PM) and the control modules (CM1-CM3).
 
-Shapes are tokens-last, ``[T', B, D, N]`` for one segment of T' steps (tdformer.md):
+Shapes are tokens-last, ``[T', B, D, N]`` for one segment of T' steps:
 
     S_td^(n) = PM(H_n)                 H_n: the last block's output on segment n
     block i of segment n+1 gets        CM1: K = LIF(BN(W_k S_bu + W_td S_td))     (default)

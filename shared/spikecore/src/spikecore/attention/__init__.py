@@ -1,4 +1,4 @@
-"""Spiking attention primitives (spikecore.md section 3): functional cores and modules, [T, B, C, N]."""
+"""Spiking attention primitives : functional cores and modules, [T, B, C, N]."""
 
 from .functional import fb_lidiff, ff_lidiff, qkca, qkta, sdsa, split_heads, ssa
 from .modules import (

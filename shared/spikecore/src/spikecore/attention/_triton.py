@@ -1,4 +1,4 @@
-"""Fused SDSA core (spikecore.md section 3): the KV accumulation fused with the attention LIF, in Triton.
+"""Fused SDSA core : the KV accumulation fused with the attention LIF, in Triton.
 
 SDSA (Spike-driven Transformer v1) on tokens-last ``q, k, v`` ``[T, B, C, N]``::
 
@@ -15,7 +15,7 @@ channels of one batch row ``b`` and walks t:
   Bytes: read q, k, v once, write y.
 * **backward** (one launch): pass 1 forward in t: ``a`` from the saved H, ``gq = gy * a`` and
   ``ga[t] = sum_n gy * q`` (written to a ``[T, B, C]`` fp32 scratch); pass 2 backward in t: the LIF
-  recurrence of spikecore.md section 1 with the surrogate (carry in registers, ``gkv = gH / tau``), then
+  backward recurrence (neuron/reference.py) with the surrogate (carry in registers, ``gkv = gH / tau``), then
   ``gk = gkv * v``, ``gv = gkv * k`` tile by tile. Bytes: read gy, q, k, v once, write gq, gk, gv.
 
 The LIF arithmetic is the fused LIF's own (``spikecore.neuron._triton``: exact ``div_rn`` charge, the

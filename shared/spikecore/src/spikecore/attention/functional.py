@@ -1,6 +1,6 @@
 """Spiking attention cores on spike tensors in the tokens-last layout ``[T, B, C, N]``.
 
-Conventions shared by every function here (spikecore.md section 3):
+Conventions shared by every function here:
 
 * Inputs ``q``, ``k``, ``v`` are ``[T, B, C, N]`` (time, batch, channels, tokens), usually binary spikes
   made by ``LIF(BN(Conv1d_1x1(x)))``. ``C = heads * d``; head ``h`` owns the contiguous channels

@@ -1,4 +1,4 @@
-// Fused multi-step LIF on the CPU (spikecore.md sections 1-2), built on first use by torch's C++ extension
+// Fused multi-step LIF on the CPU (the equations of neuron/reference.py), built on first use by torch's C++ extension
 // loader (see _cpu_cpp.py). One pass over x for the forward, one pass over x / grad_s for the backward.
 //
 // Layout: x, spikes, grad_s, grad_x are [T, N] contiguous. Two ways to walk it, chosen by T (measured on a

@@ -1,4 +1,4 @@
-"""Triton backend of the fused multi-step LIF (spikecore.md sections 1 and 2).
+"""Triton backend of the fused multi-step LIF (the equations of reference.py).
 
 One kernel launch for the forward over all T steps, one for the backward, on flattened ``[T, N]`` tensors
 (contract in ``ops.py``). Arithmetic is fp32; loads convert to fp32 and spikes / grad x are stored in x's
@@ -103,7 +103,7 @@ def _surrogate(z, a, SURROGATE: tl.constexpr):
 def _grad_h(
     gs, carry, h, v_th, v_reset, alpha, SURROGATE: tl.constexpr, SOFT: tl.constexpr, DETACH: tl.constexpr
 ):
-    """dL/dH[t] from dL/dS[t] (gs) and dL/dV[t] (carry): the four reset/detach cases of spikecore.md."""
+    """dL/dH[t] from dL/dS[t] (gs) and dL/dV[t] (carry): the four reset/detach cases of reference.py."""
     z = h - v_th
     sg = _surrogate(z, alpha, SURROGATE)
     if SOFT:

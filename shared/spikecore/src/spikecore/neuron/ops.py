@@ -283,7 +283,7 @@ def lif_multi_step(
     backend: str = "auto",
     store_v_seq: bool = False,
 ):
-    """Multi-step LIF over ``x[T, ...]`` (spikecore.md section 1).
+    """Multi-step LIF over ``x[T, ...]`` (the equations of reference.py).
 
     Returns ``(spikes, v_final)``, or ``(spikes, v_final, v_seq)`` with ``store_v_seq=True``.
     ``spikes`` has x's shape and dtype; ``v_final`` (shape ``x.shape[1:]``) and ``v_seq`` are float32

@@ -1,4 +1,4 @@
-"""The plain PyTorch loop of spikecore.md section 1: the oracle every fused backend is tested against.
+"""The plain PyTorch loop of the LIF equations: the oracle every fused backend is tested against.
 
 It is also ``backend="torch"``. Arithmetic is done in float32 (float64 stays float64); the gradients come
 from autograd through the loop, with the surrogate standing in for the Heaviside's derivative.

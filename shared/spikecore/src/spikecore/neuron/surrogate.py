@@ -1,4 +1,4 @@
-"""Surrogate gradients for the spike's Heaviside step (spikecore.md section 1).
+"""Surrogate gradients for the spike's Heaviside step (the equations of reference.py).
 
 Each surrogate is a derivative ``sigma'(x)`` used in place of the Heaviside's derivative, where
 ``x = H - V_th``, plus a smooth primitive ``g`` with ``g' = sigma'`` that the float64 gradient checks use
@@ -47,7 +47,7 @@ def resolve(surrogate: str, alpha: float | None) -> tuple[Surrogate, float]:
 
 
 def derivative(name: str, x: torch.Tensor, alpha: float) -> torch.Tensor:
-    """sigma'(x): the surrogate derivative, exactly as tabulated in spikecore.md."""
+    """sigma'(x): the surrogate derivative of each named surrogate, in closed form."""
     a = alpha
     if name == "sigmoid":
         s = torch.sigmoid(a * x)
