@@ -21,6 +21,18 @@ def tiny_arch_kwargs(arch: str, img_size: int) -> dict:
     return dict(TINY_ARCH[arch], img_size=img_size, backend="torch")
 
 
+def cpu_trainer(tmp_path: Path, **extra) -> dict:
+    """The trainer section of every test config: fp32 on one CPU, writing under ``tmp_path / "runs"``."""
+    return {
+        "precision": "32-true",
+        "accelerator": "cpu",
+        "devices": 1,
+        "default_root_dir": str(tmp_path / "runs"),
+        "enable_progress_bar": False,
+        **extra,
+    }
+
+
 def tiny_override(config: Path, tmp_path: Path, **trainer) -> Path:
     """A second config that swaps in a tiny network, the embedded data and a CPU trainer."""
     cfg = yaml.safe_load(config.read_text())
@@ -36,14 +48,7 @@ def tiny_override(config: Path, tmp_path: Path, **trainer) -> Path:
     else:
         data = {"class_path": "spikecore.data.DigitsDataModule", "init_args": dict(common, img_size=size)}
     override = {
-        "trainer": {
-            "precision": "32-true",
-            "accelerator": "cpu",
-            "devices": 1,
-            "default_root_dir": str(tmp_path / "runs"),
-            "enable_progress_bar": False,
-            **trainer,
-        },
+        "trainer": cpu_trainer(tmp_path, **trainer),
         "model": {"arch_kwargs": tiny_arch_kwargs(arch, size), "T": 4},
         "data": data,
     }

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from spikecore_testing import refuse_crafted_checkpoints
-from spiliformer_testing import CONFIGS, paper_model
+from spiliformer_testing import CONFIGS, cpu_trainer, paper_model
 
 from spikecore.serialization import CheckpointError
 from spiliformer import SpiLiFormer, create_model, load_authors_checkpoint
@@ -232,14 +232,7 @@ def test_a_config_that_does_not_fit_is_one_clear_error(tmp_path):
 def fixture_override(tmp_path: Path) -> Path:
     """The cifar10 fixture's small model, the embedded digits at its 16x16, a CPU trainer."""
     override = {
-        "trainer": {
-            "precision": "32-true",
-            "accelerator": "cpu",
-            "devices": 1,
-            "default_root_dir": str(tmp_path / "runs"),
-            "enable_progress_bar": False,
-            "limit_test_batches": 2,
-        },
+        "trainer": cpu_trainer(tmp_path, limit_test_batches=2),
         "model": {"T": 2, "arch_kwargs": {**CIFAR_SMALL, "embed_dims": [16, 32, 64], "depths": [1, 1, 2]}},
         "data": {
             "class_path": "spikecore.data.DigitsDataModule",
