@@ -13,7 +13,8 @@ import spikecore
 from spikecore.neuron import _cpu_cpp
 from spikecore.neuron.surrogate import SURROGATES
 
-# cpu:avx2 (on an AVX-512 machine): the C++ kernels built as an AVX2-only machine gets them.
+# cpu:avx2 (on an AVX-512 machine): the C++ kernels built as an AVX2-only machine gets them; cpu:sse4
+# (x86-64-v2): the generic code paths of a NEON build (128-bit vectors, integer float16 conversions).
 CPU_ISAS = [f"cpu:{isa}" for isa in _cpu_cpp.available_isas() if isa != "native"]
 
 # Tiny shapes for the Triton interpreter; odd sizes for the CPU kernel's vector tails.

@@ -8,6 +8,7 @@ N, N smaller than a block), long T, the per-neuron tau gradient, v_seq, and an i
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,8 +19,9 @@ from spikecore.neuron import _cpu, _cpu_cpp
 
 @pytest.fixture(autouse=True, params=_cpu_cpp.available_isas())
 def isa(request, monkeypatch):
-    """Every test on each vector ISA build of the C++ kernels that runs here (``native``, and ``avx2`` on an
-    AVX-512 machine: the build an AVX2-only machine gets)."""
+    """Every test on each vector ISA build of the C++ kernels that runs here: ``native``; ``avx2`` on an
+    AVX-512 machine (the build an AVX2-only machine gets); ``sse4`` on x86-64 with AVX2 (x86-64-v2: the
+    generic paths of a NEON build, 128-bit vectors and integer float16 conversions)."""
     monkeypatch.setenv("SPIKECORE_CPU_ISA", request.param)
     return request.param
 
@@ -114,6 +116,48 @@ def test_half_conversions_are_exact(dtype):
     want = g.to(dtype)
     nan = torch.isnan(want)
     assert torch.isnan(got[nan]).all()
+    assert torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16))
+
+
+def _wide_range_fp32(dtype):
+    """fp32 values over the whole range: random magnitudes 1e-45..1e38, the points halfway between
+    neighbouring values of ``dtype`` (ties), and the edge cases; a length of whole vectors (16 lanes)."""
+    vals = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype).float()
+    vals = torch.unique(vals[torch.isfinite(vals)]).double()  # sorted
+    ties = ((vals[:-1] + vals[1:]) / 2).float()  # exactly halfway between neighbours (exact in fp32)
+    # (no inf: grad V = inf gives nan in the kernel's fused formula, inf * 0 for the detached reset)
+    edges = [0.0, -0.0, 65519.0, 65520.0, -65520.0, 1e-8, 2.9802322e-08, 6e-8, 3.4e38, -3.4e38]
+    g = torch.Generator().manual_seed(3)
+    rand = torch.randn(200_000, generator=g) * torch.logspace(-45, 38, 200_000)
+    out = torch.cat([torch.tensor([*edges, float("nan")]), ties, rand])
+    return out[: out.numel() // 16 * 16].contiguous()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cpp_16bit_rows_convert_like_torch(dtype):
+    """The C++ kernels' vector conversions (F16C, or the integer code a NEON build runs), through the op.
+    Loads: every finite and nan 16-bit pattern as x, tau = 1 and an unreachable threshold: V = x in fp32.
+    Stores: grad x = grad V (tau = 1, no spike, detached reset) for fp32 values over the whole range, rounded
+    to nearest even. Both bit for bit against the reference loop, which converts with torch."""
+    x = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    x = x[~torch.isinf(x)].unsqueeze(0)  # (the reference resets inf arithmetically, to nan)
+    kw = dict(tau=1.0, v_threshold=3.4e38, v_reset=0.0)
+    (s, v), (rs, rv) = _cpu_fn(x, None, **kw), lif_reference(x, None, **kw)
+    assert torch.equal(s.view(torch.int16), rs.view(torch.int16))
+    nan = torch.isnan(rv)
+    assert torch.isnan(v[nan]).all() and nan.sum() > 0
+    assert torch.equal(v[~nan].view(torch.int32), rv[~nan].view(torch.int32))
+
+    gv = _wide_range_fp32(dtype)
+    grads = []
+    for fn in (_cpu_fn, lif_reference):
+        xg = torch.zeros(1, gv.numel(), dtype=dtype, requires_grad=True)
+        s, v = fn(xg, None, tau=1.0, v_threshold=1.0, v_reset=0.0, detach_reset=True)
+        torch.autograd.backward([s, v], [torch.zeros_like(s), gv])
+        grads.append(xg.grad[0])
+    got, want = grads
+    nan = torch.isnan(want)
+    assert torch.isnan(got[nan]).all() and nan.sum() > 0
     assert torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16))
 
 
@@ -215,3 +259,37 @@ def test_the_cpu_kernels_leave_torchs_thread_count_alone():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split()[-1] == "1"
+
+
+def _vm_flags(address: int) -> set[str]:
+    """VmFlags of the mapping of this process that holds ``address`` (Linux's /proc/self/smaps)."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(v, 16) for v in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and line.startswith("VmFlags:"):
+            return set(line.split()[1:])
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(
+    not Path("/sys/kernel/mm/transparent_hugepage").exists(), reason="Linux transparent huge pages only"
+)
+@pytest.mark.parametrize("env", [None, "0"])
+def test_large_outputs_ask_for_huge_pages(env, monkeypatch):
+    """Outputs of 32 MiB and more get MADV_HUGEPAGE ('hg') before the kernel writes them, spikes and grad x
+    alike; SPIKECORE_CPU_HUGEPAGES=0 turns it off. (glibc maps such allocations afresh; the advice spares the
+    kernel faulting them in 4 KiB at a time.)"""
+    if env is not None:
+        monkeypatch.setenv("SPIKECORE_CPU_HUGEPAGES", env)
+    x = torch.zeros(8, 2**20, requires_grad=True)  # 32 MiB
+    s, _ = lif_multi_step(x, backend="cpu")
+    s.backward(torch.ones_like(s))
+    two_mib = 2**21
+    for out in (s, x.grad):
+        interior = (out.data_ptr() + two_mib - 1) // two_mib * two_mib
+        assert ("hg" in _vm_flags(interior)) == (env is None)
+    small, _ = lif_multi_step(torch.zeros(4, 2**20), backend="cpu")  # 16 MiB: left alone
+    assert "hg" not in _vm_flags((small.data_ptr() + two_mib - 1) // two_mib * two_mib)

@@ -25,7 +25,11 @@ def _put_ninja_on_path() -> None:
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
-ISAS = ("native", "avx2")
+# native: -march=native (AVX-512, AVX2 or NEON, as the CPU has); avx2: the same without AVX-512 (what an
+# AVX2-only x86-64 gets); sse4: x86-64-v2, 128-bit vectors with no FMA and no F16C, so the generic code paths
+# a NEON build takes (one 128-bit register per vector, the integer float16 conversions) run and are tested
+# on x86 too.
+ISAS = ("native", "avx2", "sse4")
 
 
 def _is_x86() -> bool:
@@ -51,23 +55,34 @@ def vector_isa() -> str:
 
 
 def available_isas() -> tuple[str, ...]:
-    """ISA builds that run here and differ: ``native``, plus ``avx2`` on an x86-64 CPU with AVX-512."""
-    return ("native", "avx2") if _is_x86() and {"avx2", "avx512f"} <= _cpu_flags() else ("native",)
+    """ISA builds that run here and differ: ``native``; on x86-64 also ``avx2`` where the CPU has AVX-512,
+    and ``sse4`` where it has AVX2 or more."""
+    if not _is_x86():
+        return ("native",)
+    flags = _cpu_flags()
+    return (
+        ("native",)
+        + (("avx2",) if {"avx2", "avx512f"} <= flags else ())
+        + (("sse4",) if "avx2" in flags else ())
+    )
 
 
 def _isa() -> str:
     isa = os.environ.get("SPIKECORE_CPU_ISA", "native")
     if isa not in ISAS:
         raise ValueError(f"SPIKECORE_CPU_ISA must be one of {', '.join(ISAS)}, got {isa!r}")
-    if isa == "avx2" and not _is_x86():
-        raise ValueError("SPIKECORE_CPU_ISA=avx2 needs an x86-64 CPU")
+    if isa != "native" and not _is_x86():
+        raise ValueError(f"SPIKECORE_CPU_ISA={isa} needs an x86-64 CPU")
     return isa
 
 
 def _flags(isa: str = "native") -> list[str]:
     flags = ["-O3", "-fopenmp"]
     if _is_x86():
-        flags.append("-march=native")
+        if isa == "sse4":
+            flags += ["-march=x86-64-v2", "-mtune=native"]
+        else:
+            flags.append("-march=native")
         if isa == "avx2":
             flags.append("-mno-avx512f")  # turns off every AVX-512 extension with it
     elif platform.machine() in ("aarch64", "arm64"):

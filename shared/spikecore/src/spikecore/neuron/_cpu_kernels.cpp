@@ -26,11 +26,16 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
-#if defined(__AVX512F__)
+#if defined(__AVX__) || defined(__F16C__)
 #include <immintrin.h>
+#endif
+#if defined(__linux__)
+#include <sys/mman.h>
 #endif
 
 namespace {
@@ -68,8 +73,10 @@ inline float exp_poly(float x) {
 // never for every surrogate on every ISA).
 #if defined(__AVX512F__)
 constexpr int VW = 16;
+#elif defined(__AVX__)
+constexpr int VW = 8;
 #else
-constexpr int VW = 8;  // two NEON registers, one AVX register
+constexpr int VW = 4;  // one NEON or SSE register (GCC splits wider generic vectors badly there: 10x slower)
 #endif
 typedef float vf __attribute__((vector_size(VW * 4)));
 typedef int32_t vi __attribute__((vector_size(VW * 4)));
@@ -95,6 +102,77 @@ inline __attribute__((always_inline)) vf exp_poly(vf x) {  // exp_poly's arithme
   p = p * r + 5.0000001201e-1f;
   const vf y = p * (r * r) + r + 1.f;
   return y * (vf)((vi)kf << 23);
+}
+
+// Rows of x, spikes, grad s and grad x in their own dtype, VW lanes at a time, as float32. bfloat16 is the
+// top half of a float32 (stores round to nearest even, NaN stays NaN, as c10::BFloat16 does); float16 goes
+// through F16C where the CPU has it (every AVX2 CPU does) and otherwise through exact integer conversions
+// (normals, subnormals, inf, NaN; round to nearest even), the code a NEON build runs. c10's scalar
+// conversions, which the compiler left scalar, made the 16-bit rows 5-20x slower than float32 ones.
+typedef uint32_t vu __attribute__((vector_size(VW * 4)));
+typedef uint16_t vh __attribute__((vector_size(VW * 2)));
+typedef uint16_t vh_u __attribute__((vector_size(VW * 2), aligned(2), may_alias));
+
+inline __attribute__((always_inline)) vu splat_u(uint32_t x) { return vu{} + x; }
+inline __attribute__((always_inline)) vu load_bits16(const void* p) {
+  return __builtin_convertvector(*reinterpret_cast<const vh_u*>(p), vu);
+}
+inline __attribute__((always_inline)) void store_bits16(void* p, vu bits) {
+  *reinterpret_cast<vh_u*>(p) = __builtin_convertvector(bits, vh);
+}
+
+// float16 bits (zero-extended) -> float32, exact.
+inline __attribute__((always_inline)) vf half_bits_to_float(vu h) {
+  const vu sign = (h & 0x8000u) << 16;
+  vu o = (h & 0x7fffu) << 13;  // exponent and mantissa in float32 position
+  const vu e = o & 0x0f800000u;
+  o += (127u - 15u) << 23;  // rebias the exponent
+  o = (vi)e == 0x0f800000 ? o + ((128u - 16u) << 23) : o;  // inf / NaN: exponent all ones
+  const vf sub = (vf)(o + (1u << 23)) - 6.103515625e-05f;  // zero / subnormal: renormalise (2^-14)
+  o = (vi)e == 0 ? (vu)sub : o;
+  return (vf)(o | sign);
+}
+
+// float32 -> float16 bits, round to nearest even (overflow to inf, NaN to a quiet NaN).
+inline __attribute__((always_inline)) vu float_to_half_bits(vf f) {
+  vu x = (vu)f;
+  const vu sign = x & 0x80000000u;
+  x ^= sign;
+  const vi xi = (vi)x;  // non-negative now: signed compares are exact
+  const vu big = xi > 0x7f800000 ? splat_u(0x7e00u) : splat_u(0x7c00u);
+  // Subnormal results: adding 0.5f lets the FPU round the mantissa into place.
+  const vu sub = (vu)((vf)x + 0.5f) - (126u << 23);
+  const vu odd = (x >> 13) & 1u;
+  const vu normal = (x + ((15u - 127u) << 23) + 0xfffu + odd) >> 13;
+  const vu o = xi >= int32_t(143u << 23) ? big : (xi < int32_t(113u << 23) ? sub : normal);
+  return o | (sign >> 16);
+}
+
+inline __attribute__((always_inline)) vf load_row(const float* p) { return vload(p); }
+inline __attribute__((always_inline)) void store_row(float* p, vf v) { vstore(p, v); }
+inline __attribute__((always_inline)) vf load_row(const at::BFloat16* p) { return (vf)(load_bits16(p) << 16); }
+inline __attribute__((always_inline)) void store_row(at::BFloat16* p, vf v) {
+  const vu u = (vu)v;
+  const vu rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  store_bits16(p, v != v ? splat_u(0x7fc0u) : rounded);
+}
+inline __attribute__((always_inline)) vf load_row(const at::Half* p) {
+#if defined(__F16C__) && defined(__AVX512F__) && !defined(SPIKECORE_PORTABLE_F16)
+  return (vf)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#elif defined(__F16C__) && !defined(SPIKECORE_PORTABLE_F16)
+  return (vf)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#else
+  return half_bits_to_float(load_bits16(p));
+#endif
+}
+inline __attribute__((always_inline)) void store_row(at::Half* p, vf v) {
+#if defined(__F16C__) && defined(__AVX512F__) && !defined(SPIKECORE_PORTABLE_F16)
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT));
+#elif defined(__F16C__) && !defined(SPIKECORE_PORTABLE_F16)
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT));
+#else
+  store_bits16(p, float_to_half_bits(v));
+#endif
 }
 
 template <int SID>
@@ -153,8 +231,9 @@ inline __attribute__((always_inline)) vf surrogate(vf z, float a) {
 }
 
 // H from the previous V and x, in the reference's order (exact division: fp32 spikes stay bit-identical).
-template <bool DECAY>
-inline float charge(float v, float x, float tau, float vr) {
+// V is float or vf: the same expression, one lane or VW.
+template <bool DECAY, typename V>
+inline __attribute__((always_inline)) V charge(V v, V x, V tau, float vr) {
   if constexpr (DECAY) return v + (x - (v - vr)) / tau;
   else return (v - (v - vr) / tau) + x;
 }
@@ -165,6 +244,16 @@ inline float after_spike(float h, float vth, float vr) {
   const bool spike = (h - vth) >= 0.f;
   if constexpr (SOFT) return spike ? h - vth : h;
   else return spike ? vr : h;
+}
+
+template <bool SOFT>
+inline __attribute__((always_inline)) vf after_spike(vf h, float vth, float vr) {
+  if constexpr (SOFT) return (h - vth) >= 0.f ? h - vth : h;
+  else return (h - vth) >= 0.f ? splat(vr) : h;
+}
+
+inline __attribute__((always_inline)) vf spike_of(vf h, float vth) {
+  return (h - vth) >= 0.f ? splat(1.f) : splat(0.f);
 }
 
 struct Params {
@@ -188,27 +277,22 @@ void forward_block(const Params& p, const scalar_t* __restrict__ x, const float*
   // Locals, not p's fields: a store through s could otherwise alias them and stop vectorisation.
   const float vth = p.vth, vr = p.vr;
   const int64_t T = p.T, N = p.N;
-  alignas(64) float v[kMaxBlock], tau[kMaxBlock], spk[kMaxBlock];
+  alignas(64) float v[kMaxBlock], tau[kMaxBlock];
   load_tau(p, j0, n, tau);
   for (int l = 0; l < n; ++l) v[l] = v_init ? v_init[j0 + l] : 0.f;
   for (int64_t t = 0; t < T; ++t) {
     const scalar_t* __restrict__ xr = x + t * N + j0;
     scalar_t* __restrict__ sr = s + t * N + j0;
-    if constexpr (std::is_same_v<scalar_t, float>) {
-#pragma omp simd
-      for (int l = 0; l < n; ++l) {
-        const float h = charge<DECAY>(v[l], xr[l], tau[l], vr);
-        sr[l] = (h - vth) >= 0.f ? 1.f : 0.f;
-        v[l] = after_spike<SOFT>(h, vth, vr);
-      }
-    } else {  // 16-bit types: the conversions vectorise in a loop of their own
-#pragma omp simd
-      for (int l = 0; l < n; ++l) {
-        const float h = charge<DECAY>(v[l], to_f(xr[l]), tau[l], vr);
-        spk[l] = (h - vth) >= 0.f ? 1.f : 0.f;
-        v[l] = after_spike<SOFT>(h, vth, vr);
-      }
-      for (int l = 0; l < n; ++l) sr[l] = scalar_t(spk[l]);
+    int l = 0;
+    for (; l + VW <= n; l += VW) {
+      const vf h = charge<DECAY>(vload(v + l), load_row(xr + l), vload(tau + l), vr);
+      store_row(sr + l, spike_of(h, vth));
+      vstore(v + l, after_spike<SOFT>(h, vth, vr));
+    }
+    for (; l < n; ++l) {
+      const float h = charge<DECAY>(v[l], to_f(xr[l]), tau[l], vr);
+      sr[l] = scalar_t((h - vth) >= 0.f ? 1.f : 0.f);
+      v[l] = after_spike<SOFT>(h, vth, vr);
     }
     if (v_seq) {
       for (int l = 0; l < n; ++l) v_seq[t * N + j0 + l] = v[l];
@@ -217,56 +301,83 @@ void forward_block(const Params& p, const scalar_t* __restrict__ x, const float*
   for (int l = 0; l < n; ++l) v_final[j0 + l] = v[l];
 }
 
-#if defined(__AVX512F__)
-// sigma'(z) = a s (1 - s), s = sigmoid(a z), for 16 lanes: a e / (1 + e)^2 with e = exp(-|a z|) (the
-// derivative is even, and e <= 1 cannot overflow). exp(-y) = 2^(k/16) e^r with k = round(-16 y / ln 2):
-// 2^(j/16) from a 16-entry table (one permute; the table holds its bits minus j << 19 so that adding
-// k << 19 also puts floor(k/16) into the exponent), e^r by a cubic (|r| <= ln2/32, error 1e-8), the
-// reciprocal by rcp14 and one Newton step. About 20 instructions against ~26 for the scalar code
-// vectorised by the compiler (division included); within a few ulp of float64 (tested).
+// sigma'(z) = a s (1 - s), s = sigmoid(a z), in VW lanes: a e / (1 + e)^2 with e = exp(-|a z|) (the
+// derivative is even, and e <= 1 cannot overflow). The default surrogate, and its exp and division were ~40%
+// of the backward's time, so a cheaper exp than exp_poly: exp(-y) = 2^(k/VW) e^r, k = round(-VW y / ln 2),
+// 2^(j/VW) from a VW-entry table (one variable shuffle: vpermps on AVX2 and AVX-512, tbl on NEON; the table
+// holds its bits minus j << (23 - log2 VW), so that adding k << (23 - log2 VW) also puts floor(k / VW) into
+// the exponent), e^r by a short polynomial (|r| <= ln2 / (2 VW): a quartic for 8 lanes, a cubic for 16;
+// error < 1e-8), and on x86 the reciprocal by rcp and one Newton step instead of a division. Within a few
+// ulp of float64 over the whole range (tested). Compilers without a variable vector shuffle (Clang) use
+// exp_poly and a division.
+#if defined(__GNUC__) && !defined(__clang__) && !defined(SPIKECORE_PORTABLE_SIGMOID)
+#define SPIKECORE_TABLE_SIGMOID 1
 
-// Bits of 2^(j/16) (float32, rounded to nearest) minus j << 19, j = 0..15.
+// Bits of 2^(j/16) (float32, rounded to nearest) minus j << 19, j = 0..15; the even entries are the bits of
+// 2^(i/8) minus i << 20, the table of 8 lanes.
 alignas(64) constexpr uint32_t kExp2Sixteenths[16] = {
     0x3f800000, 0x3f7daac3, 0x3f7b95c2, 0x3f79c3d3, 0x3f7837f0, 0x3f76f532, 0x3f75fed7, 0x3f75583f,
     0x3f7504f3, 0x3f7508a4, 0x3f75672a, 0x3f76248c, 0x3f7744fd, 0x3f78ccdf, 0x3f7ac0c7, 0x3f7d257d};
 
-inline __attribute__((always_inline)) __m512 sigmoid_grad16(__m512 z, const __m512 table, float a) {
-  const __m512 magic = _mm512_set1_ps(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer
-  __m512 y = _mm512_abs_ps(_mm512_mul_ps(z, _mm512_set1_ps(a)));
-  y = _mm512_min_ps(y, _mm512_set1_ps(86.f));  // e >= exp(-86): stays normal
-  const __m512 kf = _mm512_fmadd_ps(y, _mm512_set1_ps(-23.083120654223414f), magic);  // -16 / ln 2
-  const __m512 kn = _mm512_sub_ps(kf, magic);
-  // u = y + k ln2/16 = -r, in two parts (Cody-Waite: k * hi is exact).
-  __m512 u = _mm512_fmadd_ps(kn, _mm512_set1_ps(0.693359375f / 16.f), y);
-  u = _mm512_fmadd_ps(kn, _mm512_set1_ps(-2.12194440e-4f / 16.f), u);
-  // e^r = e^-u = 1 - u + u^2/2 - u^3/6
-  __m512 q = _mm512_fmadd_ps(u, _mm512_set1_ps(-1.f / 6.f), _mm512_set1_ps(0.5f));
-  q = _mm512_fmadd_ps(q, u, _mm512_set1_ps(-1.f));
-  q = _mm512_fmadd_ps(q, u, _mm512_set1_ps(1.f));
-  const __m512i ki = _mm512_castps_si512(kf);  // low bits: k (two's complement); low 4: j = k mod 16
-  const __m512i scale = _mm512_add_epi32(_mm512_castps_si512(_mm512_permutexvar_ps(ki, table)),
-                                         _mm512_slli_epi32(ki, 19));
-  const __m512 e = _mm512_mul_ps(_mm512_castsi512_ps(scale), q);
-  const __m512 d = _mm512_add_ps(_mm512_set1_ps(1.f), e);
-  const __m512 d2 = _mm512_mul_ps(d, d);
-  __m512 rc = _mm512_rcp14_ps(d2);
-  rc = _mm512_mul_ps(rc, _mm512_fnmadd_ps(d2, rc, _mm512_set1_ps(2.f)));
-  return _mm512_mul_ps(_mm512_mul_ps(e, _mm512_set1_ps(a)), rc);
+constexpr int kLogVW = VW == 16 ? 4 : VW == 8 ? 3 : 2;
+
+template <int... J>
+struct Exp2Table {
+  alignas(64) static constexpr uint32_t bits[sizeof...(J)] = {kExp2Sixteenths[J * (16 / sizeof...(J))]...};
+};
+template <int... J>
+constexpr Exp2Table<J...> make_table(std::integer_sequence<int, J...>) { return {}; }
+using Exp2TableVW = decltype(make_table(std::make_integer_sequence<int, VW>{}));
+
+inline __attribute__((always_inline)) vf exp2_table() {
+  return *reinterpret_cast<const vf*>(Exp2TableVW::bits);
 }
 
-inline __attribute__((always_inline)) void sigmoid_row_avx512(const float* h, float vth, float a, float* sg,
-                                                              int n) {
-  const __m512 table = _mm512_castsi512_ps(_mm512_load_si512(kExp2Sixteenths));
-  const __m512 th = _mm512_set1_ps(vth);
-  int l = 0;
-  for (; l + 16 <= n; l += 16) {
-    _mm512_storeu_ps(sg + l, sigmoid_grad16(_mm512_sub_ps(_mm512_loadu_ps(h + l), th), table, a));
-  }
-  if (l < n) {
-    const __mmask16 m = static_cast<__mmask16>((1u << (n - l)) - 1);
-    const __m512 z = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, h + l), th);
-    _mm512_mask_storeu_ps(sg + l, m, sigmoid_grad16(z, table, a));
-  }
+// a * b + c, fused where the CPU has FMA (the sigmoid only: the forward's arithmetic stays unfused).
+inline __attribute__((always_inline)) vf vfma(vf a, vf b, vf c) {
+#if defined(__AVX512F__)
+  return (vf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#elif defined(__FMA__)
+  return (vf)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+  return a * b + c;
+#endif
+}
+
+// 1 / d for d in [1, 4]: rcp and one Newton step on x86 (~2 ulp), a division elsewhere.
+inline __attribute__((always_inline)) vf reciprocal(vf d) {
+#if defined(__AVX512F__)
+  const vf r = (vf)_mm512_rcp14_ps((__m512)d);
+  return r * (2.f - d * r);
+#elif defined(__AVX__)
+  const vf r = (vf)_mm256_rcp_ps((__m256)d);
+  return r * (2.f - d * r);
+#else
+  return 1.f / d;
+#endif
+}
+
+inline __attribute__((always_inline)) vf sigmoid_grad(vf z, float a, vf table) {
+  const vf magic = splat(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer
+  const vf y = vmin(vabs(z * a), splat(86.f));  // e >= exp(-86): stays normal
+  const vf kf = vfma(y, splat(float(-VW / 0.6931471805599453)), magic);
+  const vf kn = kf - magic;
+  // u = y + k ln2 / VW = -r, in two parts (Cody-Waite: k * hi is exact).
+  vf u = vfma(kn, splat(0.693359375f / VW), y);
+  u = vfma(kn, splat(-2.12194440e-4f / VW), u);
+  // e^-u = 1 - u + u^2/2 - u^3/6 (+ u^4/24 for 8 lanes, + u^5/120 for 4)
+  vf q;
+  if constexpr (VW == 4) q = vfma(vfma(splat(-1.f / 120.f), u, splat(1.f / 24.f)), u, splat(-1.f / 6.f));
+  else if constexpr (VW == 8) q = vfma(splat(1.f / 24.f), u, splat(-1.f / 6.f));
+  else q = splat(-1.f / 6.f);
+  q = vfma(q, u, splat(0.5f));
+  q = vfma(q, u, splat(-1.f));
+  q = vfma(q, u, splat(1.f));
+  const vi ki = (vi)kf;  // low bits: k (two's complement); low log2(VW): j = k mod VW
+  const vf scale = (vf)((vu)__builtin_shuffle(table, ki) + ((vu)ki << (23 - kLogVW)));
+  const vf e = scale * q;
+  const vf d = 1.f + e;
+  return (e * a) * reciprocal(d * d);
 }
 #endif
 
@@ -274,17 +385,26 @@ inline __attribute__((always_inline)) void sigmoid_row_avx512(const float* h, fl
 template <int SID>
 inline __attribute__((always_inline)) void surrogate_row(const float* h, float vth, float a, float* sg, int n) {
   int l = 0;
+#if defined(SPIKECORE_TABLE_SIGMOID)
+  if constexpr (SID == 0) {
+    const vf table = exp2_table();
+    for (; l + VW <= n; l += VW) vstore(sg + l, sigmoid_grad(vload(h + l) - vth, a, table));
+    if (l < n) {  // the tail through a padded vector: the same arithmetic as every other lane
+      alignas(64) float pad[VW] = {};
+      for (int i = 0; i < n - l; ++i) pad[i] = h[l + i];
+      const vf g = sigmoid_grad(vload(pad) - vth, a, table);
+      for (int i = 0; i < n - l; ++i) sg[l + i] = g[i];
+    }
+    return;
+  }
+#endif
   for (; l + VW <= n; l += VW) vstore(sg + l, surrogate<SID>(vload(h + l) - vth, a));
   for (; l < n; ++l) sg[l] = surrogate<SID>(h[l] - vth, a);
 }
 
 inline __attribute__((always_inline)) void surrogate_row(int sid, const float* h, float vth, float a, float* sg, int n) {
   switch (sid) {
-#if defined(__AVX512F__) && !defined(SPIKECORE_PORTABLE_SIGMOID)
-    case 0: sigmoid_row_avx512(h, vth, a, sg, n); break;
-#else
     case 0: surrogate_row<0>(h, vth, a, sg, n); break;
-#endif
     case 1: surrogate_row<1>(h, vth, a, sg, n); break;
     case 2: surrogate_row<2>(h, vth, a, sg, n); break;
     case 3: surrogate_row<3>(h, vth, a, sg, n); break;
@@ -322,8 +442,13 @@ void backward_block(const Params& p, int sid, const scalar_t* __restrict__ x, co
   for (int64_t t = 0; t < T; ++t) {
     const scalar_t* __restrict__ xr = x + t * N + j0;
     float* __restrict__ hr = hs + t * W;
-#pragma omp simd
-    for (int l = 0; l < n; ++l) {
+    int l = 0;
+    for (; l + VW <= n; l += VW) {
+      const vf h = charge<DECAY>(vload(v + l), load_row(xr + l), vload(tau + l), vr);
+      vstore(hr + l, h);
+      vstore(v + l, after_spike<SOFT>(h, vth, vr));
+    }
+    for (; l < n; ++l) {
       const float h = charge<DECAY>(v[l], to_f(xr[l]), tau[l], vr);
       hr[l] = h;
       v[l] = after_spike<SOFT>(h, vth, vr);
@@ -334,36 +459,24 @@ void backward_block(const Params& p, int sid, const scalar_t* __restrict__ x, co
     const scalar_t* __restrict__ gr = gs + t * N + j0;
     scalar_t* __restrict__ gxr = gx + t * N + j0;
     surrogate_row(sid, hr, vth, alpha, sg, n);
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      // In vector types: GCC leaves this loop scalar (a branch on the spike) without AVX-512's masks.
-      int l = 0;
-      for (; l + VW <= n; l += VW) {
-        const vf gv = vload(carry + l), h = vload(hr + l);
-        vf keep = splat(1.f);
-        if constexpr (!SOFT) keep = (h - vth) < 0.f ? keep : splat(0.f);
-        const vf g = (vload(gr + l) + gv * (cm * (vr - h) + ca)) * vload(sg + l) + gv * keep;
-        vstore(carry + l, g * vload(decay + l));
-        vstore(gh + l, g);
-        vstore(gxr + l, g * vload(inv_tdiv + l));
-      }
-      for (; l < n; ++l) {
-        const float gv = carry[l];
-        const float keep = (SOFT || (hr[l] - vth) < 0.f) ? 1.f : 0.f;
-        const float g = (gr[l] + gv * (cm * (vr - hr[l]) + ca)) * sg[l] + gv * keep;
-        carry[l] = g * decay[l];
-        gh[l] = g;
-        gxr[l] = g * inv_tdiv[l];
-      }
-    } else {
-#pragma omp simd
-      for (int l = 0; l < n; ++l) {
-        const float gv = carry[l];
-        const float keep = (SOFT || (hr[l] - vth) < 0.f) ? 1.f : 0.f;
-        const float g = (to_f(gr[l]) + gv * (cm * (vr - hr[l]) + ca)) * sg[l] + gv * keep;
-        carry[l] = g * decay[l];
-        gh[l] = g;
-      }
-      for (int l = 0; l < n; ++l) gxr[l] = scalar_t(gh[l] * inv_tdiv[l]);
+    // In vector types: GCC leaves this loop scalar (a branch on the spike) without AVX-512's masks.
+    int l = 0;
+    for (; l + VW <= n; l += VW) {
+      const vf gv = vload(carry + l), h = vload(hr + l);
+      vf keep = splat(1.f);
+      if constexpr (!SOFT) keep = (h - vth) < 0.f ? keep : splat(0.f);
+      const vf g = (load_row(gr + l) + gv * (cm * (vr - h) + ca)) * vload(sg + l) + gv * keep;
+      vstore(carry + l, g * vload(decay + l));
+      vstore(gh + l, g);
+      store_row(gxr + l, g * vload(inv_tdiv + l));
+    }
+    for (; l < n; ++l) {
+      const float gv = carry[l];
+      const float keep = (SOFT || (hr[l] - vth) < 0.f) ? 1.f : 0.f;
+      const float g = (to_f(gr[l]) + gv * (cm * (vr - hr[l]) + ca)) * sg[l] + gv * keep;
+      carry[l] = g * decay[l];
+      gh[l] = g;
+      gxr[l] = scalar_t(g * inv_tdiv[l]);
     }
     if (gtau_out) {
       // dH/dtau = -(X - (V_prev - V_reset)) / tau^2 (decay_input) or (V_prev - V_reset) / tau^2.
@@ -381,6 +494,27 @@ void backward_block(const Params& p, int sid, const scalar_t* __restrict__ x, co
   if (gtau_out) {
     for (int l = 0; l < n; ++l) gtau_out[j0 + l] = gtau[l];
   }
+}
+
+// Ask Linux for transparent huge pages (2 MiB) under an output of 32 MiB or more, before the kernel first
+// touches it. glibc maps every allocation that large afresh (its mmap threshold stops growing at 32 MiB), and
+// the kernel then faults it in 4 KiB at a time: ~1.5 us a page on a VM, 10 ms for the 64 MiB of one T = 16
+// output against ~2 ms with huge pages. The advice covers the 2 MiB-aligned interior of our own outputs only
+// (the allocator is untouched); it does nothing where THP is off ("never"), and SPIKECORE_CPU_HUGEPAGES=0
+// turns it off.
+inline void advise_huge_pages(const torch::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const size_t bytes = t.numel() * t.element_size();
+  if (bytes < (size_t(32) << 20)) return;
+  const char* env = std::getenv("SPIKECORE_CPU_HUGEPAGES");
+  if (env && std::strcmp(env, "0") == 0) return;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(t.data_ptr()) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(t.data_ptr()) + bytes) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);  // a hint: errors ignored
+#else
+  (void)t;
+#endif
 }
 
 // Calls f(std::bool_constant<SOFT>, std::bool_constant<DECAY>) for the runtime flags.
@@ -421,6 +555,8 @@ void lif_fwd(torch::Tensor x, c10::optional<torch::Tensor> v_init, c10::optional
   float* vs = v_seq ? v_seq->data_ptr<float>() : nullptr;
   const float* v0 = v_init ? v_init->data_ptr<float>() : nullptr;  // None: zeros
   float* vf = v_final.data_ptr<float>();
+  advise_huge_pages(spikes);
+  if (v_seq) advise_huge_pages(*v_seq);
   dispatch_dtype(x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -451,6 +587,7 @@ void lif_bwd(torch::Tensor grad_s, c10::optional<torch::Tensor> grad_v, torch::T
   const float* gv = grad_v ? grad_v->data_ptr<float>() : nullptr;  // None: zeros
   const float* v0 = v_init ? v_init->data_ptr<float>() : nullptr;
   float* gvo = grad_v_init.data_ptr<float>();
+  advise_huge_pages(grad_x);
   dispatch_dtype(x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     const scalar_t* xp = x.data_ptr<scalar_t>();
