@@ -46,3 +46,31 @@ def test_auto_foreground_and_ssa_mass():
     # Key j receives sum_i Q_i . K_j: Q_0 = (1,1,0,0), Q_1 = (0,1,0,0); K_0 = (1,0,..), K_1 = (1,1,..)
     # -> key 0: 1 + 0 = 1; key 1: 2 + 1 = 3.
     assert torch.equal(token_mass(attn, q, k, q).flatten(), torch.tensor([1.0, 3.0]))
+
+
+def test_energy_of_lateral_inhibition_is_the_second_pass_and_the_feedback_path():
+    """``analyze``'s energy entry, SpiLiFormer against the same weights with lateral inhibition off, against
+    the closed form of what SpiLiFormer adds per sample: at every step, pass 2 over each FB block of the last
+    stage (Q, K, V, output and MLP projections 12 D^2 N, the linear-order SSA products 2 N D d), the
+    feedback's V projection and its decoder (D^2 N each), the prompt masks (2 D N); and a second head."""
+    from spikecore.energy import estimate
+    from spiliformer.model import lateral_inhibition_off
+    from spiliformer.registry import create_model
+
+    T, B, D, heads, classes = 2, 2, 32, 4, 10
+    torch.manual_seed(0)
+    net = create_model(
+        "spiliformer_4_384", embed_dims=(8, 16, D), depths=(1, 1, 1), num_heads=heads, img_size=16, T=T
+    )
+    x = torch.rand(B, 3, 16, 16)
+    on = estimate(net, x, samples=B)
+    off = estimate(lateral_inhibition_off(net), x, samples=B)
+    N, fb = net.backbone.block_tokens[-1], len(net.feedback_blocks)
+    per_step = fb * (12 * D * D * N + 2 * N * D * (D // heads) + 2 * D * D * N) + 2 * D * N
+    assert on.dense_macs - off.dense_macs == B * (T * per_step + D * classes)
+    assert on.params - off.params == sum(p.numel() for p in net.generator.parameters())
+    ours = {r.layer.removeprefix("backbone.") for r in on.layers}  # the baseline is the backbone itself
+    assert ours - {r.layer for r in off.layers} == {
+        "generator",
+        *(f"generator.decoders.{k}.linear" for k in range(fb)),
+    }

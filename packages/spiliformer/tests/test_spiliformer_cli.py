@@ -138,8 +138,18 @@ def test_analyze_writes_the_measures(trained, tmp_path):
         assert mode["firing_rates"] and all(0 <= r <= 1 for r in mode["firing_rates"].values())
     kinds = [layer["attention"] for layer in saved["modes"]["lateral_inhibition_off"]["layers"]]
     assert kinds == ["TokenQKAttention", "TokenQKAttention", "SpikingSelfAttention"]
-    for png in ("attention_allocation.png", "firing_rates.png", "attention_maps.png"):
+    for png in ("attention_allocation.png", "firing_rates.png", "attention_maps.png", "energy.png"):
         assert (out / png).stat().st_size > 0
+    # Operations and energy (spikecore.energy) of the same weights with and without lateral inhibition.
+    on, off = (saved["modes"][m]["energy"] for m in ("spiliformer", "lateral_inhibition_off"))
+    assert on["params"] > off["params"] and on["samples"] == off["samples"] == 8  # + the feedback generator
+    assert on["dense_macs"] > off["dense_macs"] and off["macs"] > 0  # pass 2 and feedback; the stem
+    for e in (on, off):
+        assert e["energy_mj"] == pytest.approx((4.6 * e["macs"] + 0.9 * e["acs"]) * 1e-9)
+        assert e["flops"] == 2 * e["dense_macs"] and e["per_sample"]["energy_mj"] == e["energy_mj"] / 8
+        rows = e["layers"]
+        assert sum(r["macs"] for r in rows) == e["macs"] and sum(r["acs"] for r in rows) == e["acs"]
+    assert "lateral_inhibition_off" in (out / "energy.md").read_text()
     # A user-supplied mask (the option spiliformer adds to the command): everything foreground.
     masks = tmp_path / "masks.npy"
     np.save(masks, np.ones((8, 16, 16), dtype=bool))

@@ -18,6 +18,9 @@ and the same network with lateral inhibition off (FF-LiDiff -> QKTA, FB-LiDiff -
 3. **Attention entropy**: of the mass distribution over tokens, per step, sample and head (skipping
    silent ones), divided by log N (1 = spread evenly, 0 = one token), averaged.
 4. **Firing rates** of every spiking layer (mean spikes per neuron and step).
+5. **Operations and theoretical energy** (``spikecore.energy``: MACs on real-valued input, ACs = dense MACs
+   x input firing rate on spikes, E = 4.6 pJ x MACs + 0.9 pJ x ACs; SpiLiFormer's both passes counted),
+   per sample and per layer, in each mode's ``energy`` entry and ``energy.md`` / ``energy.png``.
 """
 
 import json
@@ -32,6 +35,7 @@ from torch import nn
 
 import spikecore
 from spikecore.attention import SpikingSelfAttention
+from spikecore.energy import estimate_batches, write_comparison
 from spikecore.train.probes import FiringRates, plot_firing_rates
 
 from .attention import KVDifferenceAttention
@@ -249,15 +253,18 @@ def analyze(model, datamodule, opts: Namespace) -> dict:
             results["note"] = str(err)
     else:  # a baseline checkpoint (trained with lateral_inhibition: false)
         modes = {"qkformer": (net, net)}
-    maps = {}
+    maps, energy = {}, {}
     for mode, (m, backbone) in modes.items():
         r = measure(m, backbone, batches, masks, device)
         maps[mode] = r.pop("_maps")
+        energy[mode] = estimate_batches(m, [x for x, _ in batches], samples=results["samples"])
+        r["energy"] = energy[mode].to_dict()
         results["modes"][mode] = r
     out = Path(opts.out)  # checked writable by the CLI before the work started
     (out / "analysis.json").write_text(json.dumps(results, indent=2))
     plot(results, out)
     plot_maps(batches[0][0], masks[0], maps, out)
+    write_comparison(energy, out)  # energy.md, energy.png
     summary = {
         mode: {
             "accuracy": r["accuracy"],
