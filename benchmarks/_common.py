@@ -43,8 +43,11 @@ def _ram_gib() -> float | None:
 
 
 def machine(device: str) -> dict:
+    from spikecore.neuron._cpu_cpp import vector_isa
+
     info = {
         "cpu": _cpu_model(),
+        "vector_isa": vector_isa(),  # every CPU figure states it: speed-ups differ by ISA
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "ram_gib": _ram_gib(),
@@ -208,6 +211,7 @@ def table(rows: list[dict]) -> str:
 def machine_line(doc: dict) -> str:
     m, v = doc["machine"], doc["versions"]
     dev = f"{m['gpu']} ({m['gpu_mem_gib']} GiB), " if m.get("gpu") else ""
+    isa = f" ({m['vector_isa']})" if m.get("vector_isa") else ""
     keys = (
         "copy_bw_gbs",
         "ours_first_call_s",
@@ -215,13 +219,16 @@ def machine_line(doc: dict) -> str:
         "repeat_x_sj",
         "repeat_ours_over_floor",
         "repeat_x_sj_avx2",
-        "cpu_isa",
+        "repeat_x_sj_sse4",
+        "repeat_x_sj_numba",
+        "transparent_hugepage",
         "note",
     )
     extra = "".join(f", {k} {doc[k]}" for k in keys if doc.get(k) is not None)
     vers = ", ".join(f"{k} {val}" for k, val in v.items() if val)
     return (
-        f"{dev}{m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, {m['ram_gib']} GiB RAM; "
+        f"{dev}{m['cpu']}{isa}, {m['cores']} cores, {m['torch_threads']} torch threads, "
+        f"{m['ram_gib']} GiB RAM; "
         f"{vers}; commit {doc['commit']}; {doc['date']}{extra}"
     )
 

@@ -12,8 +12,11 @@ Per config (T steps, N neurons, dtype), all in one run:
   column says which ran);
 - ``eager``: ``spikecore.lif_multi_step(..., backend="torch")``, the plain PyTorch loop;
 - ``ours_avx2`` (CPU, on an x86-64 CPU with AVX-512): ``ours`` with the C++ kernels built for AVX2 only
-  (``SPIKECORE_CPU_ISA=avx2``: ``-march=native -mno-avx512f``), what an AVX2-only machine runs; ``x_sj_avx2``
-  its speed-up over sj. The results record the CPU's widest vector ISA (``cpu_isa``).
+  (``SPIKECORE_CPU_ISA=avx2``: ``-march=native -mno-avx512f``), what an AVX2-only machine runs; ``ours_sse4``
+  (x86-64 with AVX2): built for x86-64-v2 (128-bit SSE vectors, no FMA, no F16C: the generic code of a NEON
+  build, and what a pre-2013 x86-64 runs); ``ours_numba``: the numba kernels, the fallback where no C++
+  compiler is at hand (``SPIKECORE_CPU_KERNELS=numba``). ``x_sj_<name>``: their speed-up over sj. The
+  machine line states the CPU's widest vector ISA, which ``ours`` is built for.
 
 Columns: ``pass`` fwd (under no_grad) or fwd+bwd; ``*_ms`` median times; ``x_sj`` / ``x_eager`` our speed-up
 (their time / ours); ``floor_ms``: bytes the op must move over the measured copy bandwidth (forward reads x
@@ -50,8 +53,9 @@ from spikecore.neuron import _cpu_cpp
 LEGEND = (
     "ours = spikecore fused kernel, sj = spikingjelly 2.0 LIFNode (fp32; its lif_multi_step op for "
     "fp16/bf16), eager = PyTorch loop; "
-    "ours_avx2 = ours built for AVX2 only (on an AVX-512 CPU); "
-    "x_sj / x_eager = their ms / our ms; x_sj_avx2 = sj ms / ours_avx2 ms; "
+    "ours_avx2 = ours built for AVX2 only (on an AVX-512 CPU); ours_sse4 = built for x86-64-v2 (128-bit, the "
+    "generic code NEON runs); ours_numba = the numba fallback; "
+    "x_sj / x_eager = their ms / our ms; x_sj_<name> = sj ms / ours_<name> ms; "
     "floor = bytes moved (fwd: x, s; bwd: grad s, x, grad x) / copy bandwidth; "
     "saved_B = bytes saved for backward per neuron-step (saved_tensors_hooks); peak = CUDA peak "
     "MiB of one fwd+bwd; faults = minor page faults per fwd+bwd (CPU; allocations of 32 MiB and more are "
@@ -81,25 +85,34 @@ def impls(device: str, ours_backend: str) -> dict:
 
     fns = {"ours": ours, "sj": sj, "eager": eager}
     if device == "cpu":
-        fns.update({f"ours_{isa}": ours for isa in _cpu_cpp.available_isas() if isa != "native"})
+        fns.update({name: ours for name in CONTENDER_ENV})
     return fns
 
 
+def _cpu_contender_env() -> dict:
+    """Environment of each extra CPU contender: the other ISA builds that run here, and numba."""
+    env = {f"ours_{isa}": {"SPIKECORE_CPU_ISA": isa} for isa in _cpu_cpp.available_isas() if isa != "native"}
+    env["ours_numba"] = {"SPIKECORE_CPU_KERNELS": "numba"}
+    return env
+
+
+CONTENDER_ENV = _cpu_contender_env()
+
+
 @contextlib.contextmanager
-def isa_env(name: str):
-    """``SPIKECORE_CPU_ISA`` for the contender ``name`` (``ours_avx2``: avx2) over a forward+backward."""
-    isa = name.removeprefix("ours_") if name.startswith("ours_") else None
-    old = os.environ.get("SPIKECORE_CPU_ISA")
-    if isa:
-        os.environ["SPIKECORE_CPU_ISA"] = isa
+def contender_env(name: str):
+    """The environment of contender ``name`` (``ours_avx2``: SPIKECORE_CPU_ISA=avx2, ...) over one call."""
+    env = CONTENDER_ENV.get(name, {})
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     try:
         yield
     finally:
-        if isa:
-            if old is None:
-                os.environ.pop("SPIKECORE_CPU_ISA", None)
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
             else:
-                os.environ["SPIKECORE_CPU_ISA"] = old
+                os.environ[k] = v
 
 
 def sj_impl_name(device: str) -> str:
@@ -140,11 +153,11 @@ def bench_config(fns: dict, T: int, N: int, dtype: torch.dtype, device: str, bw_
     rows = {p: {"T": T, "N": N, "dtype": str(dtype).removeprefix("torch."), "pass": p} for p in floor_bytes}
 
     def fwd(fn, name=""):
-        with torch.no_grad(), isa_env(name):
+        with torch.no_grad(), contender_env(name):
             fn(x)
 
     def fwd_bwd(fn, name=""):
-        with isa_env(name):
+        with contender_env(name):
             xg.grad = None
             fn(xg).backward(g)
 
@@ -184,14 +197,16 @@ def headline_repeats(fns: dict, dev: str, n: int, args) -> dict:
     if args.quick or args.repeat <= 0:
         return {}
     T, dtype = (4, torch.float32) if dev == "cpu" else (4, torch.float16)
-    x_sj, over_floor, x_sj_avx2 = [], [], []
+    extra = [name.removeprefix("ours_") for name in fns if name.startswith("ours_")]
+    x_sj, over_floor, x_sj_extra = [], [], {name: [] for name in extra}
     for _ in range(args.repeat):
         bw = copy_bandwidth_gbs(dev, 2**28)
         row = bench_config(fns, T, n, dtype, dev, bw)[1]
         if row.get("x_sj"):
             x_sj.append(row["x_sj"])
-        if row.get("x_sj_avx2"):
-            x_sj_avx2.append(row["x_sj_avx2"])
+        for name in extra:
+            if row.get(f"x_sj_{name}"):
+                x_sj_extra[name].append(row[f"x_sj_{name}"])
         over_floor.append(row["ours/floor"])
 
     def spread(v):
@@ -199,17 +214,27 @@ def headline_repeats(fns: dict, dev: str, n: int, args) -> dict:
         return [round(v[0], 2), round(v[len(v) // 2], 2), round(v[-1], 2)] if v else None
 
     label = f"T{T}_{str(dtype).removeprefix('torch.')}_N{n}_fwd_bwd"
+    spreads = {f"repeat_x_sj_{name}": spread(v) for name, v in x_sj_extra.items() if v}
     print(
         f"{args.repeat} repeats of {label}: x_sj min/median/max {spread(x_sj)}, "
-        f"ours/floor {spread(over_floor)}" + (f", x_sj_avx2 {spread(x_sj_avx2)}" if x_sj_avx2 else "")
+        f"ours/floor {spread(over_floor)}" + "".join(f", {k} {v}" for k, v in spreads.items())
     )
     return {
         "repeats": args.repeat,
         "repeat_config": label,
         "repeat_x_sj": spread(x_sj),
         "repeat_ours_over_floor": spread(over_floor),
-        **({"repeat_x_sj_avx2": spread(x_sj_avx2)} if x_sj_avx2 else {}),
+        **spreads,
     }
+
+
+def transparent_hugepage() -> str | None:
+    """Linux's THP mode (always / madvise / never): whether the kernels' huge-page advice takes effect."""
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return None
+    return text[text.index("[") + 1 : text.index("]")] if "[" in text else text.strip()
 
 
 def main(argv=None) -> None:
@@ -231,7 +256,7 @@ def main(argv=None) -> None:
     Ts = (4,) if args.quick else (4, 8, 16)
     configs = [(T, N, torch.float32) for T in Ts]
     if dev == "cpu":
-        configs.append((4, N, torch.bfloat16))
+        configs += [(4, N, torch.bfloat16), (4, N, torch.float16)]
     else:
         configs += [(T, N, dt) for dt in (torch.float16, torch.bfloat16) for T in Ts]
         configs.append((4, 2**12 if args.quick else 4_194_304, torch.float16))  # spec section 5
@@ -241,8 +266,8 @@ def main(argv=None) -> None:
     bw = copy_bandwidth_gbs(dev, 2**22 if args.quick else 2**28)
     for name in fns:
         if name.startswith("ours_"):
-            with isa_env(name):
-                first_call(fns[name], dev)  # its build, outside the timings
+            with contender_env(name):
+                first_call(fns[name], dev)  # its build or JIT compilation, outside the timings
     print(f"copy bandwidth {bw:.1f} GB/s; ours first call {first_call_s:.2f} s; sj: {sj_impl_name(dev)}")
     rows = []
     for T, n, dt in configs:
@@ -258,7 +283,7 @@ def main(argv=None) -> None:
         rows,
         write=not args.quick,
         copy_bw_gbs=round(bw, 1),
-        **({"cpu_isa": _cpu_cpp.vector_isa()} if dev == "cpu" else {}),
+        **({"transparent_hugepage": transparent_hugepage()} if dev == "cpu" else {}),
         ours_first_call_s=round(first_call_s, 2),
         legend=LEGEND,
         **repeats,
