@@ -165,6 +165,10 @@ def test_analyze_writes_the_measures(tmp_path):
             str(out),
             "--max_batches",
             "2",
+            "--grad_loss",
+            "segments",
+            "--epsilon_neurons",
+            "4",
         ]
     )
     saved = json.loads((out / "analysis.json").read_text())
@@ -175,7 +179,36 @@ def test_analyze_writes_the_measures(tmp_path):
         assert all(v >= 0 for v in mode["mi_steps_bits"])
         assert mode["firing_rates"] and all(0 <= r <= 1 for r in mode["firing_rates"].values())
     assert (out / "mechanisms.png").stat().st_size > 0 and (out / "firing_rates.png").stat().st_size > 0
+    # The paper's figures: the T x T MI matrix, gradients along time (Thm 4.3), the PM histogram (Fig. 3).
+    assert saved["gradient_loss"]["name"] == "segments" and saved["gradient_loss"]["segment_weights"] == [
+        pytest.approx(1 / 3),
+        pytest.approx(2 / 3),
+    ]
+    for mode in saved["modes"].values():
+        mi = mode["mi_matrix_bits"]
+        assert [mi[t][t + 1] for t in range(3)] == mode["mi_steps_bits"]
+        assert all(mi[i][j] == mi[j][i] for i in range(4) for j in range(4))
+        eps = mode["epsilon"]
+        assert eps["neurons"] == "theorem" and eps["neurons_per_layer"] == 4 and eps["samples"] == 4
+        assert len(eps["grad_norm_per_step"]) == 4 and len(eps["one_step"]["mean_abs"]) == 3
+        assert eps["layers"] and all(0 <= f <= 1 for f in eps["one_step"]["vanished_fraction"])
+    hist = saved["pm_surrogate_gradients"]
+    for label in ("clamped", "unclamped"):
+        assert len(hist[label]["counts"]) == len(hist["bin_edges"]) - 1 == 40
+        assert sum(hist[label]["counts"]) == hist[label]["values"] > 0
+    for png in ("mi_matrix.png", "gradients.png", "pm_surrogate_gradients.png"):
+        assert (out / png).stat().st_size > 0
     assert res["samples"] == 8
+    # Operations and energy (spikecore.energy) of the same weights with and without feedback.
+    on, off = (saved["modes"][m]["energy"] for m in ("feedback", "no_feedback"))
+    assert on["params"] == off["params"] and on["samples"] == off["samples"] == 8
+    assert on["dense_macs"] > off["dense_macs"] and off["macs"] > 0  # feedback's ops; the stem on images
+    for e in (on, off):
+        assert e["energy_mj"] == pytest.approx((4.6 * e["macs"] + 0.9 * e["acs"]) * 1e-9)
+        assert e["flops"] == 2 * e["dense_macs"] and e["per_sample"]["energy_mj"] == e["energy_mj"] / 8
+        rows = e["layers"]
+        assert sum(r["macs"] for r in rows) == e["macs"] and sum(r["acs"] for r in rows) == e["acs"]
+    assert "no_feedback" in (out / "energy.md").read_text() and (out / "energy.png").stat().st_size > 0
 
 
 def test_ddp_two_processes_on_cpu(tmp_path):
@@ -235,3 +268,14 @@ def test_a_checkpoint_named_in_a_config_file_runs_nothing(tmp_path):
             ["analyze", *common, "--ckpt_path", source],
         ],
     )
+
+
+def test_recipes_use_the_papers_learning_rates():
+    """App. A.1: Spike-driven Transformer v1 at 3e-4; Spikformer at 5e-4 on static data, 1e-3 on DVS."""
+    for path in CONFIG_FILES:
+        cfg = yaml.safe_load(path.read_text())
+        arch, lr = cfg["model"]["arch"], cfg["model"]["lr"]
+        if arch.startswith("sdt"):
+            assert lr == 3e-4, path.name
+        elif arch.startswith("spikformer"):
+            assert lr == (1e-3 if "dvs" in path.stem else 5e-4), path.name

@@ -55,3 +55,34 @@ def test_bad_options_are_rejected():
         ProcessingModule(4, channel_mixer="full")
     with pytest.raises(ValueError, match="clamp"):
         ProcessingModule(4, 2.0, 1.0)
+
+
+def test_pm_neurons_are_its_explicit_arguments():
+    """Both PM neurons take the options given (not the backbone's): a soft-reset, V_th 0.7, tau 3 token
+    neuron against the plain LIF loop with those options."""
+    torch.manual_seed(2)
+    T, B, D, N = 4, 2, 8, 5
+    opts = dict(tau=3.0, v_threshold=0.7, v_reset=None, detach_reset=False, surrogate="atan", alpha=1.5)
+    pm = ProcessingModule(D, 0.0, 2.0, channel_mixer="depthwise", backend="torch", stateful=True, **opts)
+    for lif in (pm.token_lif, pm.channel_lif):
+        assert {k: v for k, v in lif.options().items() if k != "backend"} == opts and lif.stateful
+    x = (torch.rand(T, B, D, N) < 0.5).float()
+    m = torch.einsum("tbcn,c->tbn", x, pm.token_weight.detach()).clamp(0.0, 2.0)
+    current = x * m[:, :, None, :]
+    v = torch.zeros_like(current[0])
+    want = []
+    for t in range(T):  # H = V + (I - V) / tau; S = H >= V_th; soft reset V = H - V_th S
+        h = v + (current[t] - v) / 3.0
+        s = (h >= 0.7).float()
+        want.append(s)
+        v = h - 0.7 * s
+    pm.channel_mixer = "none"  # the token neuron's spikes
+    assert torch.equal(pm(x), torch.stack(want))
+    defaults = ProcessingModule(D, backend="torch").token_lif  # the paper's neuron
+    assert (defaults.tau, defaults.v_threshold, defaults.v_reset, defaults.detach_reset) == (
+        2.0,
+        1.0,
+        0.0,
+        True,
+    )
+    assert (defaults.surrogate, defaults.alpha) == ("sigmoid", None)

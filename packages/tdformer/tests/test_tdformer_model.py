@@ -220,3 +220,34 @@ def test_state_never_leaks_between_batches():
     assert first.abs().sum() > 0
     assert tdformer.__version__
     assert all(m.stateful for m in td.modules() if isinstance(m, spikecore.LIF))
+
+
+def test_pm_neurons_come_from_arguments_not_from_the_backbone():
+    """A backbone with other neurons (tau 3, atan surrogate, reset kept in the graph) leaves the PM with the
+    paper's defaults; the ``pm_*`` arguments, from the model or the training module's config, set it."""
+    from tdformer import TDFormerClassifier
+
+    backbone = dict(tau=3.0, surrogate="atan", alpha=1.0, detach_reset=False)
+    net = tiny("tdformer_spikformer_4_384", **backbone)
+    assert {
+        (m.tau, m.surrogate, m.detach_reset) for m in net.backbone.modules() if isinstance(m, spikecore.LIF)
+    } == {(3.0, "atan", False)}
+    for lif in (net.pm.token_lif, net.pm.channel_lif):
+        assert (lif.tau, lif.v_threshold, lif.v_reset, lif.detach_reset) == (2.0, 1.0, 0.0, True)
+        assert (lif.surrogate, lif.alpha, lif.stateful) == ("sigmoid", None, True)
+    pm = dict(
+        pm_tau=1.5,
+        pm_v_threshold=0.5,
+        pm_v_reset=None,
+        pm_detach_reset=False,
+        pm_surrogate="rect",
+        pm_alpha=0.5,
+    )
+    net = tiny("tdformer_spikformer_4_384", **pm)
+    module = TDFormerClassifier(
+        arch="spikformer_4_384", T=4, arch_kwargs=dict(TINY["spikformer_4_384"]), **pm
+    )
+    for lif in (net.pm.token_lif, net.pm.channel_lif, module.net.pm.token_lif, module.net.pm.channel_lif):
+        assert (lif.tau, lif.v_threshold, lif.v_reset, lif.detach_reset) == (1.5, 0.5, None, False)
+        assert (lif.surrogate, lif.alpha) == ("rect", 0.5)
+    assert module.hparams.pm_surrogate == "rect"  # saved with the checkpoint

@@ -4,14 +4,17 @@ from collections.abc import Sequence
 
 from spikecore.train import console_main, run_cli
 
-from .analysis import analyze
+from .analysis import add_arguments, analyze
 from .module import TDFormerClassifier
 
 COMMANDS = {
     "analyze": (
         analyze,
-        "Measure TDFormer's mechanisms on a checkpoint: MI between successive steps, gradient norm per "
-        "step and firing rates, with and without feedback. Writes analysis.json and PNG plots.",
+        "Measure TDFormer's mechanisms on a checkpoint, with and without feedback: the T x T mutual "
+        "information across steps (Fig. 1), gradients along time (end-to-end per step and Theorem 4.3's "
+        "dH(t2)/dH(t1)), the PM's surrogate gradients with and without its clamp (Fig. 3) and firing "
+        "rates. Writes analysis.json and PNG plots.",
+        add_arguments,
     )
 }
 

@@ -48,6 +48,14 @@ class ProcessingModule(nn.Module):
     a = 2 by default, so a token at full mixer response fires in one step). ``W`` starts at ``4 / D``: M
     reaches 1 when a quarter of a token's channels are active.
 
+    Neurons: both LIFs (token and channel mixer) take the explicit options ``tau``, ``v_threshold``,
+    ``v_reset`` (``None``: soft reset), ``detach_reset``, ``surrogate``, ``alpha``, ``backend`` and
+    ``stateful``. The defaults are the backbones' neuron as the paper gives it (tau 2, V_th 1, hard reset
+    to 0, detached reset, sigmoid surrogate with alpha 4):
+
+        H[t] = V[t-1] + (I[t] - (V[t-1] - V_reset)) / tau,   S[t] = Theta(H[t] - V_th),
+        V[t] = H[t] (1 - S[t]) + V_reset S[t]   (hard reset; soft, v_reset=None: V[t] = H[t] - V_th S[t])
+
     Channel mixer (``channel_mixer``): ``"depthwise"`` (default) a per-channel 1x1 conv + BN + LIF;
     ``"dense"`` a full D x D 1x1 conv + BN + LIF; ``"none"``. The paper names a "Linear + BN + LIF" channel
     mixer but its parameter counts (e.g. QKFormer HST-10-768: 64.96M -> 65.55M with one feedback block,
@@ -61,9 +69,27 @@ class ProcessingModule(nn.Module):
         clamp_min: float = 0.0,
         clamp_max: float = 2.0,
         channel_mixer: str = "depthwise",
-        **neuron,
+        *,
+        tau: float = 2.0,
+        v_threshold: float = 1.0,
+        v_reset: float | None = 0.0,
+        detach_reset: bool = True,
+        surrogate: str = "sigmoid",
+        alpha: float | None = None,
+        backend: str = "auto",
+        stateful: bool = False,
     ):
         super().__init__()
+        neuron = dict(
+            tau=tau,
+            v_threshold=v_threshold,
+            v_reset=v_reset,
+            detach_reset=detach_reset,
+            surrogate=surrogate,
+            alpha=alpha,
+            backend=backend,
+            stateful=stateful,
+        )
         if channel_mixer not in CHANNEL_MIXERS:
             raise ValueError(
                 f"channel_mixer must be one of {', '.join(CHANNEL_MIXERS)}, got {channel_mixer!r}"

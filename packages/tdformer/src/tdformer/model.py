@@ -34,6 +34,12 @@ class TDFormer(nn.Module):
         feedback_blocks: indices of the blocks that receive feedback (default: the backbone's last stage).
         pm_clamp: (b, a) of the PM token mixer's clamp.
         pm_channel_mixer: ``"depthwise"`` (default), ``"dense"`` or ``"none"`` (see ProcessingModule).
+        pm_tau, pm_v_threshold, pm_v_reset, pm_detach_reset, pm_surrogate, pm_alpha: the PM's neurons
+            (both of its LIFs), explicit rather than taken from the backbone; the defaults are the paper's
+            neuron for every backbone (tau 2, V_th 1, hard reset to 0, detached reset, sigmoid with alpha
+            4). ``pm_v_reset=None`` is a soft reset. The PM's neurons run on the backbone's kernel
+            ``backend`` (where they compute, not how they behave) and carry their membrane from one
+            segment's PM call to the next, reset with the model at every new input.
         carry_state: carry neuron state across segments (default) or reset it at each segment.
     """
 
@@ -47,6 +53,12 @@ class TDFormer(nn.Module):
         pm_clamp: tuple[float, float] = (0.0, 2.0),
         pm_channel_mixer: str = "depthwise",
         carry_state: bool = True,
+        pm_tau: float = 2.0,
+        pm_v_threshold: float = 1.0,
+        pm_v_reset: float | None = 0.0,
+        pm_detach_reset: bool = True,
+        pm_surrogate: str = "sigmoid",
+        pm_alpha: float | None = None,
     ):
         super().__init__()
         if segments < 1:
@@ -68,8 +80,19 @@ class TDFormer(nn.Module):
                 )
         self.feedback_blocks = [i % n_blocks for i in blocks]
         self.control = nn.ModuleDict({str(i): ControlModule(dim, control) for i in self.feedback_blocks})
-        neuron = spikecore_neuron_options(backbone)
-        self.pm = ProcessingModule(dim, *pm_clamp, channel_mixer=pm_channel_mixer, **neuron)
+        self.pm = ProcessingModule(
+            dim,
+            *pm_clamp,
+            channel_mixer=pm_channel_mixer,
+            tau=pm_tau,
+            v_threshold=pm_v_threshold,
+            v_reset=pm_v_reset,
+            detach_reset=pm_detach_reset,
+            surrogate=pm_surrogate,
+            alpha=pm_alpha,
+            backend=getattr(backbone, "neuron", {}).get("backend", "auto"),
+            stateful=True,
+        )
 
     @property
     def T(self) -> int:
@@ -108,14 +131,3 @@ class TDFormer(nn.Module):
 def tokens_last(h: torch.Tensor) -> torch.Tensor:
     """``[T, B, D, *spatial]`` -> ``[T, B, D, N]``."""
     return h.flatten(3) if h.dim() > 4 else h
-
-
-def spikecore_neuron_options(backbone: nn.Module) -> dict:
-    """The neuron options of the backbone's LIFs (tau, threshold, surrogate, backend; stateful), so the
-    feedback neurons behave like the backbone's."""
-    for m in backbone.modules():
-        if isinstance(m, spikecore.LIF):
-            opts = m.options()
-            opts.pop("tau")
-            return dict(opts, tau=float(m.tau) if m.w is None else 2.0, stateful=m.stateful)
-    raise ValueError("the backbone has no spikecore.LIF neurons")

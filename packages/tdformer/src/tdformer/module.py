@@ -4,7 +4,9 @@
 ``feedback`` is the one switch between the baseline and TDFormer, everything else equal:
 
 - ``feedback: true``: the backbone (stateful neurons) inside :class:`TDFormer` with ``segments``,
-  ``control``, ``feedback_blocks``, ``pm_clamp``, ``pm_channel_mixer``, ``carry_state``; the loss is
+  ``control``, ``feedback_blocks``, ``pm_clamp``, ``pm_channel_mixer``, ``carry_state`` and the PM's
+  neuron ``pm_tau``, ``pm_v_threshold``, ``pm_v_reset``, ``pm_detach_reset``, ``pm_surrogate``,
+  ``pm_alpha`` (see :class:`~tdformer.model.TDFormer`); the loss is
   sum_n alpha_n CE(y, O_n) (``segment_weights`` alpha, normalised to sum 1; default alpha_n proportional to
   n, so the last segment weighs most), and evaluation uses O_N.
 - ``feedback: false``: the plain backbone and the ordinary cross-entropy (the TDFormer options are unused).
@@ -34,6 +36,12 @@ class TDFormerClassifier(SpikingClassifier):
         pm_channel_mixer: str = "depthwise",
         carry_state: bool = True,
         segment_weights: list[float] | None = None,
+        pm_tau: float = 2.0,
+        pm_v_threshold: float = 1.0,
+        pm_v_reset: float | None = 0.0,
+        pm_detach_reset: bool = True,
+        pm_surrogate: str = "sigmoid",
+        pm_alpha: float | None = None,
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
@@ -55,6 +63,12 @@ class TDFormerClassifier(SpikingClassifier):
             pm_clamp=tuple(hp.pm_clamp),
             pm_channel_mixer=hp.pm_channel_mixer,
             carry_state=hp.carry_state,
+            pm_tau=hp.pm_tau,
+            pm_v_threshold=hp.pm_v_threshold,
+            pm_v_reset=hp.pm_v_reset,
+            pm_detach_reset=hp.pm_detach_reset,
+            pm_surrogate=hp.pm_surrogate,
+            pm_alpha=hp.pm_alpha,
         )
         return create_model(PREFIX + arch, **td, **kwargs)
 
