@@ -4,7 +4,8 @@
 
 Each benchmark runs in its own process (clean allocator and compile caches); results land in
 ``benchmarks/results/<name>-<device>.json`` and the README there is rebuilt from all JSON files present.
-On a 2-core CPU machine the full run takes 2-4 minutes; ``--quick`` is a smoke run that saves nothing.
+On a 2-core CPU machine the full run takes 10-15 minutes (sae_recovery.py alone about 8); ``--quick`` is a
+smoke run that saves nothing.
 CPU timings assume an otherwise idle machine: with other processes competing for the cores, multi-threaded
 (OpenMP) ops stall at their barriers and the medians can be off by orders of magnitude (``--threads 1`` is
 much less sensitive). On a GPU machine, ``benchmarks/gpu_check.sh`` runs the CUDA tests and this.
@@ -26,6 +27,7 @@ BENCHMARKS = (
     "spiliformer_train.py",
     "similarity.py",
     "sae_train.py",
+    "sae_recovery.py",
 )
 
 

@@ -10,8 +10,8 @@ from .data import ImageDataModule, StoreDataModule
 from .dictionary import VoxelDictionary, build_voxel_dictionary
 from .images import EmbeddedImages, FolderImages, NSDImages
 from .metrics import FiringCounter, batch_metrics
-from .module import SAEModule, SAETrainingError, train_sae
-from .sae import KINDS, SAE, SAEConfig, make_sae, paper_loss
+from .module import SAEModule, SAETrainingError, StopWhenConverged, train_sae
+from .sae import KINDS, SAE, SAEConfig, default_lr, make_sae, paper_loss
 from .store import ActivationStore, StoreError, extract_activations
 
 __version__ = "0.1.0"
@@ -31,12 +31,14 @@ __all__ = [
     "SAEConfig",
     "SAEModule",
     "SAETrainingError",
+    "StopWhenConverged",
     "StoreDataModule",
     "StoreError",
     "ViTBackbone",
     "VoxelDictionary",
     "batch_metrics",
     "build_voxel_dictionary",
+    "default_lr",
     "extract_activations",
     "load_sae",
     "make_sae",

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from .backbone import DEFAULT_BACKBONE, ViTBackbone
 from .checkpoint import save_sae
-from .module import SAEModule
+from .module import DEFAULT_WEIGHT_DECAY, SAEModule
 from .sae import SAE, SAEConfig
 from .store import layer_key
 
@@ -22,7 +22,10 @@ class BrainMapSAE(SAEModule):
     """SAEs on the residual stream of ``backbone``'s ``layers`` (0-based; None: all), ``tokens`` =
     ``patch`` (the authors'), ``cls`` or ``all``. ``n_latents`` defaults to ``expansion * d`` (x16:
     12,288 for ViT-B); ``sae_options`` are further :class:`SAEConfig` fields (``l1_coeff``, ``tied``,
-    ``unit_norm_decoder``, ``aux_k``, ...)."""
+    ``unit_norm_decoder``, ``aux_k``, ``init``, ...). ``lr`` None: each SAE's
+    :func:`sae_brainmap.sae.default_lr`; training stops once every SAE has converged on its training
+    batches (``stop_*``, see :class:`sae_brainmap.module.StopWhenConverged`; ``stop_patience: null`` runs
+    the trainer's max_epochs / max_steps in full)."""
 
     def __init__(
         self,
@@ -37,8 +40,11 @@ class BrainMapSAE(SAEModule):
         k: int | None = None,
         sae_options: dict[str, Any] | None = None,
         lr: float | None = None,
-        weight_decay: float = 0.0,
+        weight_decay: float = DEFAULT_WEIGHT_DECAY,
         log_every_n_steps: int = 10,
+        stop_every: int = 50,
+        stop_patience: int | None = 3,
+        stop_rel_tol: float = 0.01,
         init_seed: int = 0,
         export_dir: str | None = None,
         print_metrics: bool = True,
@@ -60,7 +66,15 @@ class BrainMapSAE(SAEModule):
                 **(sae_options or {}),
             )
             saes[layer_key(i)] = SAE(config, init_seed=init_seed + i)
-        super().__init__(saes, lr=lr, weight_decay=weight_decay, log_every_n_steps=log_every_n_steps)
+        super().__init__(
+            saes,
+            lr=lr,
+            weight_decay=weight_decay,
+            log_every_n_steps=log_every_n_steps,
+            stop_every=stop_every,
+            stop_patience=stop_patience,
+            stop_rel_tol=stop_rel_tol,
+        )
         self.save_hyperparameters()
         self.backbone = bb
         self.layers, self.token_set = layers, tokens

@@ -354,7 +354,8 @@ def _activations(c: RunConfig, root: Path, out: Path, log) -> list[str]:
             flat = t.reshape(-1, t.shape[-1])
             sae = train_sae(flat, kind=c.sae.kind, n_latents=c.sae.n_latents, k=c.sae.k, lr=c.sae.lr,
                             batch_size=c.sae.batch_size, epochs=-1, max_steps=c.sae.steps,
-                            seed=c.sae.seed + lay, layer=lay, backbone=bb.name, tokens="patch")  # fmt: skip
+                            seed=c.sae.seed + lay, layer=lay, backbone=bb.name, tokens="patch",
+                            progress=False)  # fmt: skip
             with torch.no_grad():
                 z = sae.encode(flat)
                 x_hat = sae.decode(z)

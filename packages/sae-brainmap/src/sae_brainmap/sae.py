@@ -20,6 +20,27 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 KINDS = ("relu_l1", "topk", "batchtopk", "jumprelu")
+INITS = ("unit", "torch")
+
+# Learning rate at a reference width, scaled as Gao et al. (2024) do: lr = lr_ref / sqrt(n / n_ref).
+# TopK-like kinds: their 2e-4 at 2^14 latents; relu_l1: the authors' 5e-5 at their 12,288 latents.
+_LR_REFERENCE: dict[str, tuple[float, int]] = {
+    "relu_l1": (5e-5, 12288),
+    "topk": (2e-4, 2**14),
+    "batchtopk": (2e-4, 2**14),
+    "jumprelu": (2e-4, 2**14),
+}
+
+
+def default_lr(kind: str, n_latents: int) -> float:
+    """The learning rate used when none is given: ``lr_ref / sqrt(n_latents / n_ref)`` (Gao et al. 2024's
+    scaling with the number of latents), from 2e-4 at 2^14 latents (relu_l1: the authors' 5e-5 at
+    12,288). 2^14 latents: 2e-4; 12,288: 2.3e-4; 512: 1.1e-3."""
+    if kind not in _LR_REFERENCE:
+        raise ValueError(f"unknown SAE kind {kind!r}; choose one of {KINDS}")
+    lr_ref, n_ref = _LR_REFERENCE[kind]
+    return lr_ref / math.sqrt(n_latents / n_ref)
+
 
 # Per-kind defaults: the paper's ReLU-L1 SAE is tied, without a unit-norm decoder or input scaling; the
 # modern kinds follow their papers (untied, unit-norm decoder, inputs scaled to E||x||^2 = d).
@@ -50,6 +71,9 @@ class SAEConfig:
     l0_coeff: float = 1e-3  # jumprelu: lambda of the L0 penalty
     bandwidth: float = 1e-3  # jumprelu: epsilon of the rectangle pseudo-derivative
     init_threshold: float = 1e-3  # jumprelu: initial theta
+    # "unit": decoder rows random unit vectors, encoder their transpose, b_pre the data mean (Gao et al.);
+    # "torch": the authors' (PyTorch's nn.Linear default, U(+-1/sqrt(fan_in)), zero biases, b_pre 0)
+    init: str = "unit"
     # Provenance: where the activations came from (not used by the maths, needed to use the SAE).
     layer: int | None = None
     backbone: str | None = None
@@ -62,6 +86,8 @@ class SAEConfig:
         for key, value in _KIND_DEFAULTS[self.kind].items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if self.input_norm not in ("none", "scale"):
             raise ValueError(f"input_norm must be 'none' or 'scale', got {self.input_norm!r}")
         if self.kind in ("topk", "batchtopk") and not 0 < self.k <= self.n_latents:
@@ -205,11 +231,17 @@ class SAE(nn.Module):
         self.config = config
         c = config
         gen = torch.Generator().manual_seed(init_seed) if init_seed is not None else None
-        # Decoder rows start as random unit vectors and the encoder as their transpose (Gao et al.).
-        w = torch.randn(c.n_latents, c.d_in, generator=gen)
-        w = w / w.norm(dim=1, keepdim=True)
+        if c.init == "unit":  # decoder rows random unit vectors, the encoder their transpose (Gao et al.)
+            w = torch.randn(c.n_latents, c.d_in, generator=gen)
+            w = w / w.norm(dim=1, keepdim=True)
+            w_dec = w.clone()
+        else:  # the authors': nn.Linear's default, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), for each layer
+            w = (torch.rand(c.n_latents, c.d_in, generator=gen) * 2 - 1) / math.sqrt(c.d_in)
+            w_dec = (torch.rand(c.n_latents, c.d_in, generator=gen) * 2 - 1) / math.sqrt(c.n_latents)
+            if c.unit_norm_decoder:
+                w_dec = w_dec / w_dec.norm(dim=1, keepdim=True)
         self.W_enc = nn.Parameter(w.clone())
-        self.W_dec = None if c.tied else nn.Parameter(w.clone())
+        self.W_dec = None if c.tied else nn.Parameter(w_dec)
         self.b_lat = nn.Parameter(torch.zeros(c.n_latents))
         self.b_pre = nn.Parameter(torch.zeros(c.d_in), requires_grad=c.pre_bias)
         if c.kind == "jumprelu":
@@ -354,11 +386,12 @@ class SAE(nn.Module):
     # ----------------------------------------------------------------------------- training utilities
     @torch.no_grad()
     def init_from_data(self, x: Tensor) -> None:
-        """Set the input scale (``input_norm="scale"``) and b_pre (the data mean) from a sample."""
+        """Set the input scale (``input_norm="scale"``) and b_pre (the data mean; it stays 0 with the
+        authors' ``init="torch"``) from a sample."""
         x = x.float()
         if self.config.input_norm == "scale":
             self.input_scale.fill_((x.pow(2).sum(-1).mean() / x.shape[-1]).sqrt().clamp_min(1e-8))
-        if self.config.pre_bias:
+        if self.config.pre_bias and self.config.init == "unit":
             self.b_pre.copy_((x / self.input_scale).mean(0))
 
     @torch.no_grad()
