@@ -1,7 +1,7 @@
 """Fused multi-step LIF on the CPU (the ``backend="cpu"`` of ``lif_multi_step``).
 
 Two implementations of the same contract: the C++ kernels of ``_cpu_kernels.cpp`` (built on first use by
-``_cpu_cpp``; 2-3x faster, they keep each vector's state in registers through the whole time loop) and the
+``_cpu_cpp``; 2-4x faster, they keep each vector's state in registers through the whole time loop) and the
 numba kernels below, used where the C++ ones cannot be built or with ``SPIKECORE_CPU_KERNELS=numba``.
 The rest of this docstring is about the numba kernels.
 

@@ -13,11 +13,12 @@
 // loop runs over neurons with no branches, so the compiler turns it into SIMD instructions.
 //
 // Arithmetic is float32 in the reference's operation order (no fast-math): fp32 spikes are bit-identical
-// to lif_reference. The backward's rows (every surrogate's derivative, and the gradient row) are written
-// with GCC/Clang vector types (vf below), which compile to AVX-512, AVX2 or NEON from the same code: left
-// to the auto-vectoriser, the fp32 gradient row and some surrogates stayed scalar without AVX-512's masks
-// (an AVX2 build was 4x slower on the backward). The sigmoid surrogate (the default; its exp and division
-// were ~40% of the backward's time) also has a hand-written AVX-512 row, used where the CPU has it.
+// to lif_reference. Every row (the forward's, the backward's recompute, every surrogate's derivative, the
+// gradient row, and the fp16/bf16 loads and stores) is written with GCC/Clang vector types (vf below),
+// which compile to AVX-512, AVX2, SSE or NEON from the same code: left to the auto-vectoriser, the fp32
+// gradient row, some surrogates and every 16-bit conversion stayed scalar without AVX-512's masks (an AVX2
+// build was 4x slower on the backward, fp16 30x slower than fp32 everywhere). Intrinsics appear only as
+// measured extras with a portable fallback beside them: F16C conversions, rcp + Newton, FMA in the sigmoid.
 // Surrogate ids follow surrogate.py.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
