@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 from sklearn.metrics import mutual_info_score
+from tdformer_testing import lively
 
 from tdformer.analysis import binary_mi_bits, discrete_mi_bits
 
@@ -93,19 +94,6 @@ def test_mi_matrix_against_sklearn_symmetric_with_entropies_on_the_diagonal():
     assert m[0][1] > m[0][2] > m[0][3]
 
 
-def _calibrated(model: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:
-    """BatchNorm statistics of ``x`` and weight 2, so that the tiny random network fires; eval mode."""
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    for bn in bns:
-        bn.momentum = 1.0
-    model.train()
-    with torch.no_grad():
-        model(x)
-        for bn in bns:
-            bn.weight.fill_(2.0)
-    return model.eval()
-
-
 @pytest.mark.parametrize("loss", ["last", "segments", "all"])
 def test_a_baseline_is_scored_with_the_feedback_models_loss(loss):
     """With its feedback off, a TDFormer carrying the membrane across segments computes exactly its
@@ -122,7 +110,7 @@ def test_a_baseline_is_scored_with_the_feedback_models_loss(loss):
     td = create_model("tdformer_spikformer_4_384", segments=2, **kw).double()
     x = torch.rand(3, 3, 16, 16, dtype=torch.float64)
     y = torch.tensor([0, 1, 2])
-    _calibrated(td, x).feedback = False
+    lively(td, x, scale=2.0).feedback = False
     base = create_model("spikformer_4_384", **kw).double().eval()
     base.load_state_dict(td.backbone.state_dict())
     cpu = torch.device("cpu")

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from tdformer_testing import lively
 from torch import nn
 
 import spikecore
@@ -19,20 +20,6 @@ from tdformer.gradients import (
 )
 
 TAU = 2.0
-
-
-def lively(model: nn.Module, x: torch.Tensor, scale: float = 3.0) -> nn.Module:
-    """Calibrate every BatchNorm on ``x`` and scale it so that a good share of the neurons fire; eval mode."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for bn in bns:
-        bn.momentum = 1.0
-    model.train()
-    with torch.no_grad():
-        model(x)
-        for bn in bns:
-            bn.weight.fill_(scale)
-            bn.momentum = 0.1
-    return model.eval()
 
 
 def rect(x: torch.Tensor, v_th: float) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from tdformer_testing import lively
 
 import spikecore
 import tdformer
@@ -39,21 +40,6 @@ def n_params(m: torch.nn.Module) -> float:
 def tiny(name: str, **kw) -> torch.nn.Module:
     base = name.removeprefix("tdformer_")
     return create_model(name, T=4, backend="torch", **TINY[base], **kw)
-
-
-def lively(model: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:
-    """Random tiny networks are nearly silent; calibrate every BatchNorm on ``x`` and scale it by 3 so that
-    about a quarter of the neurons fire, then return the model in eval mode."""
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    for bn in bns:
-        bn.momentum = 1.0  # running stats := this batch's
-    model.train()
-    with torch.no_grad():
-        model(x)
-        for bn in bns:
-            bn.weight.fill_(3.0)
-            bn.momentum = 0.1
-    return model.eval()
 
 
 def sample(name: str, batch: int = 2) -> torch.Tensor:
