@@ -7,7 +7,7 @@ VENV := .venv
 STAMP := $(VENV)/.synced
 MEMBERS := pyproject.toml uv.lock shared/spikecore/pyproject.toml $(wildcard packages/*/pyproject.toml)
 
-.PHONY: install test demo bench lint format lock clean
+.PHONY: install test demo bench lint format lock dist clean
 
 $(UV):
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is needed, found " + sys.version.split()[0]'
@@ -46,6 +46,10 @@ demo: install
 
 bench: install
 	$(VENV)/bin/python benchmarks/run_all.py
+
+# Release wheels and sdists in dist/: the packages require spikecore by name and version (not by a path).
+dist: $(UV)
+	$(VENV)/bin/python scripts/build_release.py --out dist
 
 lint: install
 	$(VENV)/bin/ruff check .

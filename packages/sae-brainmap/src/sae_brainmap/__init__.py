@@ -2,6 +2,8 @@
 with voxels (streaming top-k similarity, the voxel dictionary, NSD / Algonauts readers, a synthetic
 subject on pycortex's S1)."""
 
+import importlib.metadata
+
 from .alignment import top_matches
 from .backbone import DEFAULT_BACKBONE, ViTBackbone
 from .brainmap import BrainMapSAE
@@ -14,7 +16,7 @@ from .module import SAEModule, SAETrainingError, StopWhenConverged, train_sae
 from .sae import KINDS, SAE, SAEConfig, default_lr, make_sae, paper_loss
 from .store import ActivationStore, StoreError, extract_activations
 
-__version__ = "0.1.0"
+__version__ = importlib.metadata.version("sae-brainmap")  # one source: pyproject.toml
 
 __all__ = [
     "DEFAULT_BACKBONE",

@@ -1,11 +1,13 @@
 """TDFormer: spiking transformers with top-down temporal feedback (arXiv 2505.15840), on spikecore."""
 
+import importlib.metadata
+
 from .feedback import ControlModule, ProcessingModule
 from .model import TDFormer
 from .module import TDFormerClassifier
 from .registry import create_model, list_models
 
-__version__ = "0.1.0"
+__version__ = importlib.metadata.version("tdformer")  # one source: pyproject.toml
 
 __all__ = [
     "ControlModule",

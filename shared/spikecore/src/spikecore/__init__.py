@@ -1,5 +1,7 @@
 """spikecore: fused multi-step LIF neurons and spiking attention primitives shared by the packages."""
 
+import importlib.metadata
+
 from . import attention
 from .attention import (
     ChannelQKAttention,
@@ -12,7 +14,7 @@ from .attention import (
 from .neuron import BACKENDS, LIF, SURROGATES, heaviside, lif_multi_step, lif_reference, reset
 from .similarity import topk_similarity
 
-__version__ = "0.1.0"
+__version__ = importlib.metadata.version("spikecore")  # one source: pyproject.toml
 
 __all__ = [
     "BACKENDS",
