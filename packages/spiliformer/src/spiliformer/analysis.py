@@ -280,20 +280,13 @@ def analyze(model, datamodule, opts: Namespace) -> dict:
 
 
 # -- plots -------------------------------------------------------------------------------------------
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot(results: dict, out: Path) -> None:
-    plt = _pyplot()
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
+
     modes = results["modes"]
     width = 0.8 / max(len(modes), 1)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig = Figure(figsize=(10, 3.6))
+    axes = fig.subplots(1, 2)
     for j, (mode, r) in enumerate(modes.items()):
         blocks = [layer["block"] for layer in r["layers"]]
         xs = [b + j * width for b in blocks]
@@ -314,7 +307,6 @@ def plot(results: dict, out: Path) -> None:
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "attention_allocation.png", dpi=120)
-    plt.close(fig)
     plot_firing_rates(
         {m: r["firing_rates"] for m, r in modes.items()}, out / "firing_rates.png", label_size=5
     )
@@ -322,14 +314,14 @@ def plot(results: dict, out: Path) -> None:
 
 def plot_maps(x: torch.Tensor, mask: torch.Tensor, maps: dict, out: Path) -> None:
     """Per-block attention mass over the input for the first samples: one row per sample and mode."""
-    plt = _pyplot()
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
+
     images = x.abs().sum(dim=(0, 2)) if x.dim() == 5 else x.mean(1)  # events: counts; images: gray
     n = min(N_SHOW, len(images))
     n_blocks = len(next(iter(maps.values())))
     rows = [(s, mode) for s in range(n) for mode in maps]
-    fig, axes = plt.subplots(
-        len(rows), n_blocks + 1, figsize=(1.6 * (n_blocks + 1), 1.6 * len(rows)), squeeze=False
-    )
+    fig = Figure(figsize=(1.6 * (n_blocks + 1), 1.6 * len(rows)))
+    axes = fig.subplots(len(rows), n_blocks + 1, squeeze=False)
     h, w = images.shape[-2:]
     for r, (s, mode) in enumerate(rows):
         img = images[s].float()
@@ -348,4 +340,3 @@ def plot_maps(x: torch.Tensor, mask: torch.Tensor, maps: dict, out: Path) -> Non
             ax.set_yticks([])
     fig.tight_layout()
     fig.savefig(out / "attention_maps.png", dpi=120)
-    plt.close(fig)

@@ -337,13 +337,11 @@ def analyze(model, datamodule, opts: Namespace) -> dict:
 
 
 def plot(results: dict, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
 
     modes = results["modes"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig = Figure(figsize=(10, 3.6))
+    axes = fig.subplots(1, 2)
     for mode, r in modes.items():
         steps = range(1, len(r["grad_norm_per_step"]) + 1)
         axes[0].plot(steps, r["grad_norm_per_step"], marker="o", label=mode)
@@ -356,7 +354,6 @@ def plot(results: dict, out: Path) -> None:
         ax.legend()
     fig.tight_layout()
     fig.savefig(out / "mechanisms.png", dpi=120)
-    plt.close(fig)
     plot_firing_rates({m: r["firing_rates"] for m, r in modes.items()}, out / "firing_rates.png")
     plot_mi_matrices(modes, out / "mi_matrix.png")
     plot_gradients(modes, out / "gradients.png")
@@ -387,14 +384,12 @@ def add_arguments(ap) -> None:
 
 def plot_mi_matrices(modes: dict, path: Path) -> None:
     """The paper's Fig. 1: one T x T MI heatmap per mode, on one colour scale, values written in."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
 
     mats = {m: r["mi_matrix_bits"] for m, r in modes.items()}
     top = max(max(max(row) for row in m) for m in mats.values()) or 1.0
-    fig, axes = plt.subplots(1, len(mats), figsize=(4.2 * len(mats) + 0.8, 3.8), squeeze=False)
+    fig = Figure(figsize=(4.2 * len(mats) + 0.8, 3.8))
+    axes = fig.subplots(1, len(mats), squeeze=False)
     for ax, (mode, m) in zip(axes[0], mats.items(), strict=True):
         T = len(m)
         im = ax.imshow(m, vmin=0, vmax=top, cmap="viridis")
@@ -408,19 +403,16 @@ def plot_mi_matrices(modes: dict, path: Path) -> None:
         ax.set(title=f"MI across steps: {mode}", xlabel="time step", ylabel="time step")
     fig.colorbar(im, ax=axes[0].tolist(), label="bits per unit")
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def plot_gradients(modes: dict, path: Path) -> None:
     """Gradients along time per mode: the end-to-end gradient norm per step (as trained, and with the
     neurons eps was measured with), eps(t) (mean |dH(t+1)/dH(t)| over layers) and its vanished fraction
     beside the fraction of neurons in the theorem's window, and mean |dH(T)/dH(t)| (the last step's reach)."""
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
+    fig = Figure(figsize=(17, 3.6))
+    axes = fig.subplots(1, 4)
     for k, (mode, r) in enumerate(modes.items()):
         color = f"C{k}"
         steps = list(range(1, len(r["grad_norm_per_step"]) + 1))
@@ -457,17 +449,14 @@ def plot_gradients(modes: dict, path: Path) -> None:
             ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def plot_pm_surrogate_gradients(hist: dict, path: Path) -> None:
     """The paper's Fig. 3: histograms of the PM token LIF's surrogate gradients, clamp on and off."""
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.8))
+    fig = Figure(figsize=(6, 3.8))
+    ax = fig.subplots()
     edges = hist["bin_edges"]
     b, a = hist["clamp"]
     for label in ("clamped", "unclamped"):
@@ -482,4 +471,3 @@ def plot_pm_surrogate_gradients(hist: dict, path: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -489,22 +489,19 @@ def comparison_markdown(reports: dict[str, EnergyReport], max_rows: int | None =
 
 def plot_comparison(reports: dict[str, EnergyReport], path: Path) -> None:
     """Bar chart of the energy per sample of each mode, split into its MAC and AC parts."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
 
     modes = list(reports)
     mac = [r.e_mac_pj * r.macs * 1e-9 / r.samples for r in reports.values()]
     ac = [r.e_ac_pj * r.acs * 1e-9 / r.samples for r in reports.values()]
-    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(modes), 3.4))
+    fig = Figure(figsize=(1.6 + 1.4 * len(modes), 3.4))
+    ax = fig.subplots()
     ax.bar(modes, mac, label="MAC (real-valued input)")
     ax.bar(modes, ac, bottom=mac, label="AC (spike input)")
     ax.set(title="theoretical energy per sample", ylabel="mJ")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def write_comparison(reports: dict[str, EnergyReport], out: str | Path) -> dict[str, str]:

@@ -38,12 +38,10 @@ class FiringRates:
 
 def plot_firing_rates(rates_by_mode: dict[str, dict[str, float]], path: Path, label_size: float = 6) -> None:
     """One bar per spiking layer and mode (e.g. with and without feedback), written to ``path``."""
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(10, 3.6))
+    fig = Figure(figsize=(10, 3.6))
+    ax = fig.subplots()
     width = 0.8 / max(len(rates_by_mode), 1)
     names: list[str] = []
     for j, (mode, rates) in enumerate(rates_by_mode.items()):
@@ -54,4 +52,3 @@ def plot_firing_rates(rates_by_mode: dict[str, dict[str, float]], path: Path, la
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
