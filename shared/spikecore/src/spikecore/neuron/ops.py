@@ -32,10 +32,6 @@ def _backend_module(name: str):
     return importlib.import_module(f"spikecore.neuron._{name}")
 
 
-def _empty_like_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
-    return x.new_empty((rows, x.shape[1]), dtype=torch.float32)
-
-
 @torch.library.custom_op("spikecore::lif_fwd", mutates_args=())
 def _lif_fwd(
     x: torch.Tensor,
