@@ -15,6 +15,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
 
 from ..neuron.module import reset
 from .schedule import warmup_cosine
@@ -72,6 +73,7 @@ class SpikingClassifier(pl.LightningModule):
         self.save_hyperparameters()
         self.net = self.build_network(arch, num_classes=num_classes, T=T, **(arch_kwargs or {}))
         self.mixup_fn = self._make_mixup()
+        self.accuracy = nn.ModuleDict(_accuracy_metrics(num_classes))
         if init_weights:
             self.load_initial_weights(init_weights)
 
@@ -157,9 +159,8 @@ class SpikingClassifier(pl.LightningModule):
         x, target = self._mix(x, y)
         reset(self.net)
         loss, logits = self.training_loss(self.to_time_major(x), target)
-        acc = (logits.argmax(-1) == y).float().mean()
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True)
-        self.log("train/acc", acc, on_step=False, on_epoch=True, sync_dist=True)
+        self._log_accuracy("train", logits, y)
         self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
 
@@ -167,10 +168,24 @@ class SpikingClassifier(pl.LightningModule):
         x, y = batch
         logits = self(x)
         loss = F.cross_entropy(logits.float(), y)
-        acc = (logits.argmax(-1) == y).float().mean()
         self.log(f"{stage}/loss", loss, sync_dist=True)
-        self.log(f"{stage}/acc", acc, prog_bar=True, sync_dist=True)
+        self._log_accuracy(stage, logits, y)
         return logits
+
+    def _log_accuracy(self, stage: str, logits: torch.Tensor, y: torch.Tensor) -> None:
+        """Top-1 (and top-5) accuracy over the epoch's samples, summed over every process by torchmetrics
+        (exact under DDP and with a smaller last batch, unlike a mean of per-batch means)."""
+        for name, metric in self.accuracy.items():
+            split, key = name.split("_", 1)
+            if split == stage:
+                metric(logits.detach().float(), y)
+                self.log(
+                    f"{stage}/{key}",
+                    metric,
+                    prog_bar=key == "acc" and stage != "train",
+                    on_epoch=True,
+                    on_step=False,
+                )
 
     def validation_step(self, batch, batch_idx):
         self._evaluate(batch, "val")
@@ -207,6 +222,17 @@ class SpikingClassifier(pl.LightningModule):
             opt, lambda step: warmup_cosine(step, cosine_end, warmup, min_ratio)
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def _accuracy_metrics(num_classes: int) -> dict[str, MulticlassAccuracy]:
+    """``<split>_acc`` for train, val and test; ``<split>_acc5`` (top-5) where there are 100 classes or
+    more (ImageNet, CIFAR-100). Their states are not saved in checkpoints."""
+    ks = {"acc": 1, "acc5": 5} if num_classes >= 100 else {"acc": 1}
+    return {
+        f"{split}_{key}": MulticlassAccuracy(num_classes, top_k=k, average="micro")
+        for split in ("train", "val", "test")
+        for key, k in ks.items()
+    }
 
 
 def _check_recipe(**values: float) -> None:
