@@ -3,9 +3,11 @@
 import contextlib
 import http.server
 import threading
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -93,3 +95,45 @@ def refuse_crafted_checkpoints(tmp_path, module: str, command_lines) -> None:
                 assert "evil.ckpt" in line and ("URL" in line or "refused for safety" in line), line
     assert requests == [] and not marker.exists()
     assert not (tmp_path / "runs").exists()
+
+
+# -- a tiny Spikformer on the embedded digits: the CLI tests' run config -------------------------------------
+TINY_SPIKFORMER = {"img_size": 16, "embed_dim": 32, "depth": 1, "num_heads": 4, "backend": "torch"}
+
+
+def write_config(tmp_path: Path, name: str = "cfg.yaml", logger: bool = True, **extra) -> Path:
+    trainer = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "precision": "32-true",
+        "max_epochs": 1,
+        "limit_train_batches": 2,
+        "limit_val_batches": 1,
+        "limit_test_batches": 2,
+        "limit_predict_batches": 2,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "log_every_n_steps": 1,
+        "default_root_dir": str(tmp_path / "runs"),
+    }
+    if logger:
+        trainer["logger"] = {
+            "class_path": "pytorch_lightning.loggers.TensorBoardLogger",
+            "init_args": {"save_dir": str(tmp_path / "runs"), "name": "exp"},
+        }
+    else:
+        trainer["logger"] = False
+    cfg = {
+        "seed_everything": 0,
+        "trainer": trainer,
+        "model": {"arch": "spikformer_4_384", "T": 2, "arch_kwargs": TINY_SPIKFORMER, "warmup_epochs": 0},
+        "data": {
+            "class_path": "spikecore.data.DigitsDataModule",
+            "init_args": {"root": str(tmp_path / "data"), "img_size": 16, "batch_size": 8, "num_workers": 0},
+        },
+    }
+    for key, value in extra.items():
+        cfg.setdefault(key, {}).update(value) if isinstance(value, dict) else cfg.__setitem__(key, value)
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(cfg))
+    return path

@@ -85,6 +85,8 @@ for module in {sorted(DISTS)!r}:
     print(module, m.__version__)
 for package in ("tdformer", "spiliformer", "sae_brainmap"):
     assert importlib.resources.files(package).joinpath("configs", "demo.yaml").is_file(), package
+from spikecore.train.cli import packaged_config
+assert packaged_config("tdformer", "demo").startswith({str(site)!r})  # --config demo finds the packaged one
 """
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     run = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, env=env)

@@ -49,6 +49,17 @@ class SafeLightningCLI(LightningCLI):
     trainer to download and unpickle) and wraps the trainer's checkpoint I/O in :class:`SafeCheckpointIO`.
     """
 
+    def __init__(self, *args: Any, extra_commands: dict[str, str] | None = None, **kwargs: Any) -> None:
+        self._extra_commands = extra_commands or {}  # listed in --help beside fit / validate / ...
+        super().__init__(*args, **kwargs)
+
+    def _add_subcommands(self, parser, **kwargs: Any) -> None:
+        super()._add_subcommands(parser, **kwargs)
+        # The package's own commands (analyze) run outside LightningCLI (see run_cli), but belong in --help.
+        for name, help_text in self._extra_commands.items():
+            sub = type(parser)(description=help_text)
+            parser._subcommands_action.add_subcommand(name, sub, help=help_text)
+
     def parse_arguments(self, parser, args) -> None:
         self._argv = (
             [] if isinstance(args, dict | Namespace) else list(sys.argv[1:] if args is None else args)
@@ -221,18 +232,78 @@ def trainer_defaults(
 
 
 def make_cli(
-    module_class: type[pl.LightningModule], args: Sequence[str] | None, run: bool = True
+    module_class: type[pl.LightningModule],
+    args: Sequence[str] | None,
+    run: bool = True,
+    extra_commands: dict[str, str] | None = None,
 ) -> SpikingCLI:
-    return SpikingCLI(
-        module_class,
-        pl.LightningDataModule,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        trainer_defaults=trainer_defaults(),
-        args=list(args) if args is not None else None,
-        run=run,
-        auto_configure_optimizers=False,
-    )
+    """The LightningCLI of a package. ``--optimizer`` / ``--lr_scheduler`` (any torch optimizer and
+    scheduler, by class name or ``class_path``) replace the module's own recipe (its ``configure_optimizers``)
+    when given; without them the recipe runs."""
+    argv = sys.argv
+    if args is not None:  # LightningCLI reads sys.argv (and warns when it is given args beside it)
+        sys.argv = [argv[0], *args]
+    try:
+        return SpikingCLI(
+            module_class,
+            pl.LightningDataModule,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults=trainer_defaults(),
+            run=run,
+            auto_configure_optimizers=True,
+            extra_commands=extra_commands,
+        )
+    finally:
+        sys.argv = argv
+
+
+def packaged_config(package: str, value: str) -> str:
+    """``--config`` by name: a path that exists is kept; otherwise ``demo`` or ``demo.yaml`` names a config
+    shipped with ``package`` (``<package>/configs`` in a wheel, ``packages/<name>/configs`` in a checkout)."""
+    if Path(value).expanduser().exists() or "/" in value or "\\" in value:
+        return value
+    import importlib
+    import importlib.resources
+
+    module = importlib.import_module(package)
+    folders = [importlib.resources.files(package) / "configs"]
+    if module.__file__:  # an editable install: the configs sit beside src/
+        folders.append(Path(module.__file__).resolve().parents[2] / "configs")
+    for folder in folders:
+        for name in (value, f"{value}.yaml"):
+            candidate = folder / name
+            if candidate.is_file():
+                return str(candidate)
+    return value
+
+
+def list_packaged_configs(package: str) -> list[str]:
+    """Names of the configs shipped with ``package`` (what ``--config NAME`` accepts)."""
+    import importlib
+
+    module = importlib.import_module(package)
+    names: set[str] = set()
+    folders = [importlib.resources.files(package) / "configs"]
+    if module.__file__:
+        folders.append(Path(module.__file__).resolve().parents[2] / "configs")
+    for folder in folders:
+        if folder.is_dir():
+            names |= {p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml")}
+    return sorted(names)
+
+
+def _resolve_configs(package: str, args: list[str]) -> list[str]:
+    out, take_next = [], False
+    for a in args:
+        if take_next:
+            a, take_next = packaged_config(package, a), False
+        elif a == "--config":
+            take_next = True
+        elif a.startswith("--config="):
+            a = "--config=" + packaged_config(package, a.split("=", 1)[1])
+        out.append(a)
+    return out
 
 
 AnalyzeFn = Callable[[pl.LightningModule, pl.LightningDataModule, argparse.Namespace], dict]
@@ -247,13 +318,13 @@ def run_cli(
     """Entry point of a package's console script. ``commands`` maps extra command names to
     ``(fn, help)`` or ``(fn, help, add_arguments)``; ``fn(model, datamodule, options)`` runs on a model
     restored from ``--ckpt_path``."""
-    from_argv = args is None
-    args = list(sys.argv[1:] if from_argv else args)
+    package = module_class.__module__.split(".")[0]
+    args = _resolve_configs(package, list(sys.argv[1:] if args is None else args))
     commands = commands or {}
     if args and args[0] in commands:
         fn, help_text, *add_arguments = commands[args[0]]
         return _run_command(module_class, args[0], fn, help_text, args[1:], *add_arguments)
-    return make_cli(module_class, None if from_argv else args)
+    return make_cli(module_class, args, extra_commands={name: c[1] for name, c in commands.items()})
 
 
 def console_main(module_class: type[pl.LightningModule], commands: dict | None = None) -> None:
@@ -288,15 +359,24 @@ def _run_command(
     ap.add_argument("--split", choices=("val", "test"), default="val", help="data split to analyse")
     ap.add_argument("--max_batches", type=int, default=8, help="batches of the split to use")
     ap.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    ap.add_argument(
+        "--print_config", action="store_true", help="print this command's options and the config, and exit"
+    )
     if add_arguments is not None:
         add_arguments(ap)
     opts, overrides = ap.parse_known_args(args)
+    cli_args = [a for c in opts.config for a in ("--config", c)] + overrides
+    if opts.print_config:  # its own options as one more YAML section, then LightningCLI's config
+        import yaml
+
+        own = {k: v for k, v in vars(opts).items() if k not in ("config", "print_config")}
+        print(yaml.safe_dump({name: own}, sort_keys=False), end="")
+        make_cli(module_class, [*cli_args, "--print_config"], run=False)  # prints, then exits
     ckpt = load_checkpoint(opts.ckpt_path) if opts.ckpt_path else None
     default_out = Path(opts.ckpt_path).parent / "analysis" if opts.ckpt_path else Path("analysis")
     opts.out = str(
         writable_dir(opts.out or default_out, f"{name} output folder")
     )  # before the work, not after
-    cli_args = [a for c in opts.config for a in ("--config", c)] + overrides
     cli = make_cli(module_class, cli_args, run=False)
     model, dm = cli.model, cli.datamodule
     if ckpt is not None:
