@@ -1,9 +1,6 @@
 """spikecore.models: every backbone builds and trains at a tiny size, published parameter counts,
 parity with spikingjelly's independent implementations, stateful segments and the feedback extras."""
 
-import re
-from collections.abc import Callable
-
 import pytest
 import spikingjelly.activation_based.functional as sj_functional
 import spikingjelly.activation_based.layer as sj_layer
@@ -14,6 +11,7 @@ from spikingjelly.activation_based.model import spikformer as sj_spikformer
 from torch import nn
 
 from spikecore.models import QKFormer, SpikeDrivenTransformer, Spikformer, create_model, list_models
+from spikecore.models.convert import convert_spikingjelly_state_dict
 from spikecore.neuron.module import reset
 
 # Tiny variants of every registered model: (overrides, input shape). 5-D inputs are [T, B, C, H, W].
@@ -155,7 +153,8 @@ def test_neuron_options_reach_every_lif():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Parity with spikingjelly (an independent implementation): state dicts mapped by name.
+# Parity with spikingjelly (an independent implementation): state dicts mapped by name with the library's
+# converter (spikecore.models.convert; its file / create_model / torch.hub paths: test_models_convert.py).
 
 
 def _weight_count(model: nn.Module) -> int:
@@ -169,53 +168,9 @@ def _weight_count(model: nn.Module) -> int:
     return total
 
 
-def _load_mapped(
-    ours: nn.Module,
-    sj: nn.Module,
-    rules: list[tuple[str, str]],
-    fused: dict[str, str],
-    resolve: Callable[[str], str] = lambda name: name,
-) -> None:
-    """Copy sj's state into ``ours``: each sj key is renamed by the first matching regex rule; a key
-    matching a ``fused`` prefix (a Conv1d(C, k*C) + BN(k*C) projection) is split over the branches
-    named by the value (e.g. "qkv"). Our parameters with no source must be conv biases (set to zero);
-    sj's conv biases without a counterpart must be zero (the caller zeroes them). ``resolve`` finishes
-    each target name."""
-    ours_sd = ours.state_dict()
-    new = {}
-    for key, value in sj.state_dict().items():
-        fused_hit = next(((p, b) for p, b in fused.items() if re.match(p, key)), None)
-        if fused_hit:
-            prefix, branches = fused_hit
-            base = re.sub(prefix, "", key)  # e.g. "0.weight" or "1.running_mean"
-            owner = re.match(prefix, key).group("owner")
-            for i, branch in enumerate(branches):
-                kind = "conv" if base.startswith("0.") else "bn"
-                target = resolve(f"{owner}{branch}_{kind}.{base[2:]}")
-                part = value if value.dim() == 0 else value.chunk(len(branches))[i]
-                new[target] = part.reshape(ours_sd[target].shape)
-            continue
-        for pattern, repl in rules:
-            if re.fullmatch(pattern, key):
-                target = resolve(re.sub(pattern, repl, key)) if repl else ""
-                break
-        else:
-            raise AssertionError(f"no mapping for spikingjelly key {key}")
-        if target == "":
-            assert value.abs().sum() == 0, f"{key} has no counterpart and must be zero"
-            continue
-        new[target] = value.reshape(ours_sd[target].shape)
-    missing = set(ours_sd) - set(new)
-    assert all(k.endswith(".bias") for k in missing), sorted(missing)
-    for k in missing:
-        new[k] = torch.zeros_like(ours_sd[k])
-    ours.load_state_dict(new, strict=True)
-
-
-def _zero_conv_biases(module: nn.Module, names: list[str]) -> None:
-    for name, m in module.named_modules():
-        if any(re.fullmatch(n, name) for n in names) and getattr(m, "bias", None) is not None:
-            nn.init.zeros_(m.bias)
+def _load_converted(ours: nn.Module, sj: nn.Module, arch: str) -> None:
+    """spikingjelly's weights into ``ours`` through the library's converter, strictly."""
+    ours.load_state_dict(convert_spikingjelly_state_dict(sj.state_dict(), arch), strict=True)
 
 
 def _compare_eval(ours: nn.Module, sj: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -262,18 +217,7 @@ def test_parity_spikingjelly_spikformer():
     ours = Spikformer(
         img_size=16, embed_dim=32, depth=2, num_heads=4, num_classes=5, T=2, attn_scale=0.5, backend="torch"
     ).double()
-    rules = [
-        (r"patch_embed\.stages\.(\d)\.conv_bn\.block\.0\.(.*)", r"patch_embed.proj.\1.conv.\2"),
-        (r"patch_embed\.stages\.(\d)\.conv_bn\.block\.1\.(.*)", r"patch_embed.proj.\1.bn.\2"),
-        (r"patch_embed\.positional_encoding\.conv_bn\.block\.0\.(.*)", r"patch_embed.rpe.conv.\1"),
-        (r"patch_embed\.positional_encoding\.conv_bn\.block\.1\.(.*)", r"patch_embed.rpe.bn.\1"),
-        (r"blocks\.(\d)\.attn\.proj_conv_bn\.0\.(.*)", r"blocks.\1.attn.proj_conv.\2"),
-        (r"blocks\.(\d)\.attn\.proj_conv_bn\.1\.(.*)", r"blocks.\1.attn.proj_bn.\2"),
-        (r"blocks\.(\d)\.mlp\.fc(\d)\.0\.(.*)", r"blocks.\1.mlp.fc\2_conv.\3"),
-        (r"blocks\.(\d)\.mlp\.fc(\d)\.1\.(.*)", r"blocks.\1.mlp.fc\2_bn.\3"),
-        (r"head\.(.*)", r"head.\1"),
-    ]
-    _load_mapped(ours, sj, rules, {r"(?P<owner>blocks\.\d\.attn\.)qkv_conv_bn\.": "qkv"})
+    _load_converted(ours, sj, "spikformer")
     x = torch.rand(2, 3, 16, 16, dtype=torch.float64)
     _compare_eval(ours, sj, x)
     # Full size: the same weights up to conv biases (ours: the reference code's proj / MLP biases).
@@ -288,25 +232,13 @@ def test_parity_spikingjelly_sdt():
         T=2, in_channels=3, num_classes=5, embed_dims=32, num_heads=4, depths=2, pooling_stat="0011"
     ).double()
     _excite(sj, seed=2, shift=1.5)
-    # spikingjelly's stem convs have biases the reference code does not: zero them.
-    _zero_conv_biases(sj, [r"patch_embed\.stages\.\d\.0", r"patch_embed\.final_stage\.0"])
+    # spikingjelly's stem convs have biases the reference code does not: the converter folds them into
+    # the BN statistics, so they stay random here.
+    assert all(sj.patch_embed.stages[i][0].bias.abs().sum() > 0 for i in range(3))
     ours = SpikeDrivenTransformer(
         img_size=16, embed_dim=32, depth=2, num_heads=4, num_classes=5, T=2, backend="torch"
     ).double()
-    rules = [
-        (r"patch_embed\.stages\.(\d)\.0\.bias", ""),
-        (r"patch_embed\.stages\.(\d)\.0\.(.*)", r"patch_embed.proj.\1.conv.\2"),
-        (r"patch_embed\.stages\.(\d)\.1\.(.*)", r"patch_embed.proj.\1.bn.\2"),
-        (r"patch_embed\.final_stage\.0\.bias", ""),
-        (r"patch_embed\.final_stage\.0\.(.*)", r"patch_embed.proj_final.conv.\1"),
-        (r"patch_embed\.final_stage\.1\.(.*)", r"patch_embed.proj_final.bn.\1"),
-        (r"patch_embed\.(rpe_.*)", r"patch_embed.\1"),
-        (r"blocks\.(\d)\.attn\.(.*)", r"blocks.\1.attn.\2"),
-        (r"blocks\.(\d)\.mlp\.fc(\d)\.(.*)", r"blocks.\1.mlp.fc\2_conv.\3"),
-        (r"blocks\.(\d)\.mlp\.bn(\d)\.(.*)", r"blocks.\1.mlp.fc\2_bn.\3"),
-        (r"head\.(.*)", r"head.\1"),
-    ]
-    _load_mapped(ours, sj, rules, {})
+    _load_converted(ours, sj, "sdt")
     _compare_eval(ours, sj, torch.rand(2, 3, 16, 16, dtype=torch.float64))
     full_sj = sj_sdt.SpikeDrivenTransformer(
         num_classes=10, embed_dims=512, num_heads=8, depths=2, pooling_stat="0011"
@@ -320,40 +252,15 @@ def test_parity_spikingjelly_qkformer():
     sj = sj_qkformer.QKFormer(
         T=2, in_channels=3, num_classes=5, embed_dims=64, num_heads=heads, depths=(1, 1, 1)
     ).double()
-    _excite(sj, seed=3)
-    _zero_conv_biases(sj, [r"patch_embed\d\.conv\d", r"patch_embed\d\.shortcut\.0"])
+    # The stem's conv biases stay random (the converter folds them into the BNs); with them, a shift of
+    # 1.0 keeps the last stage's attention LIF firing at this size.
+    _excite(sj, seed=3, shift=1.0)
     # spikingjelly's QKFormer is the ImageNet one (stem "imagenet"; pool on the first PEDS conv).
     ours = QKFormer(
         img_size=32, embed_dims=(16, 32, 64), depths=(1, 1, 1), num_heads=heads, stem="imagenet",
         num_classes=5, T=2, backend="torch",
     ).double()  # fmt: skip
-    stage_of = {"1": "patch_embed", "2": "downsample.0", "3": "downsample.1"}
-    rules = [
-        (r"patch_embed\d\.conv\d\.bias", ""),
-        (r"patch_embed\d\.shortcut\.0\.bias", ""),
-        (r"patch_embed(\d)\.conv(\d)\.(.*)", r"E\1.proj.C\2.conv.\3"),
-        (r"patch_embed(\d)\.bn(\d)\.(.*)", r"E\1.proj.C\2.bn.\3"),
-        (r"patch_embed(\d)\.shortcut\.0\.(.*)", r"E\1.shortcut.conv.\2"),
-        (r"patch_embed(\d)\.shortcut\.1\.(.*)", r"E\1.shortcut.bn.\2"),
-        (r"stage(\d)\.0\.attn\.proj_conv_bn\.0\.(.*)", r"stage\1.0.attn.proj_conv.\2"),
-        (r"stage(\d)\.0\.attn\.proj_conv_bn\.1\.(.*)", r"stage\1.0.attn.proj_bn.\2"),
-        (r"stage(\d)\.0\.mlp\.fc(\d)\.(.*)", r"stage\1.0.mlp.fc\2_conv.\3"),
-        (r"stage(\d)\.0\.mlp\.bn(\d)\.(.*)", r"stage\1.0.mlp.fc\2_bn.\3"),
-        (r"head\.(.*)", r"head.\1"),
-    ]
-
-    def resolve(target: str) -> str:
-        """Placeholders -> our names: E<s> = stage s's patch embedding, C<i> = its i-th conv (1-based),
-        stage<s>.0 = block s - 1 (one block per stage here)."""
-        target = re.sub(r"^E(\d)", lambda m: stage_of[m.group(1)], target)
-        target = re.sub(r"\.C(\d)\.", lambda m: f".{int(m.group(1)) - 1}.", target)
-        return re.sub(r"^stage(\d)\.0", lambda m: f"blocks.{int(m.group(1)) - 1}", target)
-
-    fused = {
-        r"(?P<owner>stage[12]\.0\.attn\.)qk_conv_bn\.": "qk",
-        r"(?P<owner>stage3\.0\.attn\.)qkv_conv_bn\.": "qkv",
-    }
-    _load_mapped(ours, sj, rules, fused, resolve)
+    _load_converted(ours, sj, "qkformer")
     _compare_eval(ours, sj, torch.rand(2, 3, 32, 32, dtype=torch.float64))
     full_sj = sj_qkformer.QKFormer(num_classes=1000, embed_dims=768, num_heads=(12, 12, 12), depths=(1, 2, 7))
     assert _weight_count(create_model("qkformer_hst_10_768")) == _weight_count(full_sj)

@@ -1,7 +1,9 @@
 """Embedded event-camera default: the scikit-learn digits recorded by a simulated event sensor during
 N-MNIST-like saccades (see :mod:`.saccade_events`), then served through the same events -> frames path
-as the recorded sets. Nothing is downloaded or written; everything is derived deterministically from
-``seed``."""
+as the recorded sets. Nothing is downloaded, nothing is written unless ``cache_frames=True``, and
+everything is derived deterministically from ``seed``."""
+
+from pathlib import Path
 
 import numpy as np
 from sklearn.datasets import load_digits
@@ -25,6 +27,9 @@ class EventDigitsDataModule(BaseDataModule):
         frame_size: resize frames to this side (None keeps ``sensor_size``).
         hflip, max_shift: the DVS flip/roll recipe for training (flips off by default, as for digits).
         val_split, test_split: held-out fractions, per class.
+        cache_frames: keep the binned frames on disk under ``cache_dir`` (default ``<root>/frame_cache``),
+            keyed by the framing parameters and a digest of each recording's events; off by default, as
+            the generated events live in memory and binning them is cheap.
     """
 
     num_classes = 10
@@ -48,6 +53,8 @@ class EventDigitsDataModule(BaseDataModule):
         val_split: float = 0.1,
         test_split: float = 0.2,
         seed: int = 0,
+        cache_frames: bool = False,
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__(root, batch_size, num_workers, download)
         self.save_hyperparameters()
@@ -65,6 +72,9 @@ class EventDigitsDataModule(BaseDataModule):
         self.test_split = test_split
         self.seed = seed
         self.source: EventArrays | None = None
+        self.cache_dir: str | None = (
+            (cache_dir if cache_dir is not None else str(Path(root, "frame_cache"))) if cache_frames else None
+        )
 
     def generate(self) -> EventArrays:
         """All 1797 recordings (in scikit-learn's order) as one event source."""
@@ -80,7 +90,7 @@ class EventDigitsDataModule(BaseDataModule):
         train_idx, val_idx, test_idx = stratified_split(
             self.source.labels, [self.val_split, self.test_split], self.seed
         )
-        augment = self.train_augment
-        self.train_set = EventFramesDataset(self.source, train_idx, self.T, self.frame_size, augment)
-        self.val_set = EventFramesDataset(self.source, val_idx, self.T, self.frame_size)
-        self.test_set = EventFramesDataset(self.source, test_idx, self.T, self.frame_size)
+        augment, cache = self.train_augment, self.cache_dir
+        self.train_set = EventFramesDataset(self.source, train_idx, self.T, self.frame_size, augment, cache)
+        self.val_set = EventFramesDataset(self.source, val_idx, self.T, self.frame_size, cache_dir=cache)
+        self.test_set = EventFramesDataset(self.source, test_idx, self.T, self.frame_size, cache_dir=cache)

@@ -2,9 +2,17 @@
 
 Each sample is ``[T, 2, H, W]`` float event counts (tonic ``ToFrame`` with ``n_time_bins=T``), optionally
 resized to ``frame_size`` and, in training, flipped/rolled as in the SDT/Spikformer DVS recipes.
+
+The frames are binned once and cached on disk (``cache_frames=True``, the default): under ``cache_dir``
+(default ``<root>/frame_cache``), one folder per set of framing parameters (``T``, sensor size,
+``frame_size``), one compressed ``.npz`` per recording keyed by its path, size and modification time
+(:mod:`spikecore.data.frame_cache`). Later epochs (and later runs with the same parameters) neither read
+nor bin the recordings; the random flips / rolls still run on every sample. ``cache_frames=False`` bins
+every time and writes nothing.
 """
 
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 from tonic.datasets import CIFAR10DVS, NCALTECH101, DVSGesture
@@ -48,11 +56,16 @@ class _EventDataModule(BaseDataModule):
         native_size: int,
         hflip: float,
         max_shift: int,
+        cache_frames: bool = True,
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__(root, batch_size, num_workers, download)
         if T < 1:
             raise ValueError(f"T must be >= 1, got {T}")
         self.T = T
+        self.cache_dir: str | None = (
+            (cache_dir if cache_dir is not None else str(Path(root, "frame_cache"))) if cache_frames else None
+        )
         self.frame_size = frame_size
         self.img_size = frame_size if frame_size is not None else native_size
         self.train_augment = EventFrameAugment(hflip=hflip, max_shift=max_shift)
@@ -90,7 +103,7 @@ class _EventDataModule(BaseDataModule):
 
     def _frames(self, source: EventFiles, indices: np.ndarray, train: bool) -> EventFramesDataset:
         augment: Callable | None = self.train_augment if train else None
-        return EventFramesDataset(source, indices, self.T, self.frame_size, augment)
+        return EventFramesDataset(source, indices, self.T, self.frame_size, augment, cache_dir=self.cache_dir)
 
     def _split_train_test(self, source: EventFiles, val_split: float, seed: int) -> None:
         """For sets without an official split: per-class hold-out, served for validation and test."""
@@ -122,8 +135,13 @@ class CIFAR10DVSDataModule(_EventDataModule):
         max_shift: int = 5,
         val_split: float = 0.1,
         seed: int = 0,
+        cache_frames: bool = True,
+        cache_dir: str | None = None,
     ) -> None:
-        super().__init__(root, batch_size, num_workers, download, T, frame_size, 128, hflip, max_shift)
+        super().__init__(
+            root, batch_size, num_workers, download, T, frame_size, 128, hflip, max_shift,
+            cache_frames, cache_dir,
+        )  # fmt: skip
         self.save_hyperparameters()
         self.val_split = val_split
         self.seed = seed
@@ -168,8 +186,13 @@ class DVSGestureDataModule(_EventDataModule):
         frame_size: int | None = None,
         hflip: float = 0.0,
         max_shift: int = 5,
+        cache_frames: bool = True,
+        cache_dir: str | None = None,
     ) -> None:
-        super().__init__(root, batch_size, num_workers, download, T, frame_size, 128, hflip, max_shift)
+        super().__init__(
+            root, batch_size, num_workers, download, T, frame_size, 128, hflip, max_shift,
+            cache_frames, cache_dir,
+        )  # fmt: skip
         self.save_hyperparameters()
 
     def layout(self) -> str:
@@ -215,8 +238,13 @@ class NCaltech101DataModule(_EventDataModule):
         max_shift: int = 5,
         val_split: float = 0.1,
         seed: int = 0,
+        cache_frames: bool = True,
+        cache_dir: str | None = None,
     ) -> None:
-        super().__init__(root, batch_size, num_workers, download, T, frame_size, frame_size, hflip, max_shift)
+        super().__init__(
+            root, batch_size, num_workers, download, T, frame_size, frame_size, hflip, max_shift,
+            cache_frames, cache_dir,
+        )  # fmt: skip
         self.save_hyperparameters()
         self.val_split = val_split
         self.seed = seed

@@ -6,6 +6,8 @@ Follows the reference code (github.com/ZK-Zhou/spikformer, ``cifar10/model.py`` 
 * SPS: four ``Conv3x3-BN-LIF`` with widths D/8, D/4, D/2, D, each optionally followed by a 3x3/2
   max-pool of its spikes (CIFAR: after the 3rd and 4th, 32x32 -> 8x8; DVS: after all four,
   128x128 -> 8x8), then the relative-position ``Conv3x3-BN-LIF`` added residually: ``x + rpe(x)``.
+  ``pool_position="pre"`` pools the BN output before the LIF instead, as spikingjelly's ``Spikformer``
+  does (the layout its model-zoo weights were trained in; see :mod:`spikecore.models.convert`).
 * Blocks: ``x = x + SSA(x); x = x + MLP(x)`` (spiking residual sums), SSA scale 0.125 (0.25 on DVS).
 * Head: mean over tokens then over T, then Linear.
 
@@ -27,8 +29,17 @@ __all__ = ["SPS", "Spikformer", "spikformer_2_256_dvs", "spikformer_4_384"]
 class SPS(torch.nn.Module):
     """Spiking patch splitting: ``[T, B, C, H, W] -> [T, B, D, H / 2^p, W / 2^p]`` (p = pools)."""
 
-    def __init__(self, in_chans: int, embed_dim: int, pool_stages: tuple[bool, ...], neuron: dict[str, Any]):
+    def __init__(
+        self,
+        in_chans: int,
+        embed_dim: int,
+        pool_stages: tuple[bool, ...],
+        neuron: dict[str, Any],
+        pool_position: str = "post",
+    ):
         super().__init__()
+        if pool_position not in ("pre", "post"):
+            raise ValueError(f"pool_position must be 'pre' or 'post', got {pool_position!r}")
         if len(pool_stages) != 4:
             raise ValueError(f"pool_stages needs one flag per stem conv (4), got {pool_stages}")
         if embed_dim % 8:
@@ -36,7 +47,7 @@ class SPS(torch.nn.Module):
         widths = (embed_dim // 8, embed_dim // 4, embed_dim // 2, embed_dim)
         ins = (in_chans, *widths[:-1])
         self.proj = torch.nn.ModuleList(
-            ConvBNLIF(i, o, neuron, pool="post" if p else None)
+            ConvBNLIF(i, o, neuron, pool=pool_position if p else None)
             for i, o, p in zip(ins, widths, pool_stages, strict=True)
         )
         self.rpe = ConvBNLIF(embed_dim, embed_dim, neuron)
@@ -51,8 +62,10 @@ class SPS(torch.nn.Module):
 class Spikformer(SpikingBackbone):
     """Spikformer-``depth``-``embed_dim``; see the module docstring and :class:`SpikingBackbone`.
 
-    ``pool_stages``: which SPS convs are followed by a max-pool. ``attn``: the attention kind of every
-    block (``"ssa"``; any key of ``spikecore.models.layers.ATTENTION``). ``attn_scale``: SSA scale.
+    ``pool_stages``: which SPS convs are followed by a max-pool; ``pool_position``: ``"post"`` pools their
+    spikes (the reference code), ``"pre"`` their BN output before the LIF (spikingjelly). ``attn``: the
+    attention kind of every block (``"ssa"``; any key of ``spikecore.models.layers.ATTENTION``).
+    ``attn_scale``: SSA scale.
     """
 
     def __init__(
@@ -67,6 +80,7 @@ class Spikformer(SpikingBackbone):
         num_heads: int = 12,
         mlp_ratio: float = 4.0,
         pool_stages: tuple[bool, bool, bool, bool] = (False, False, True, True),
+        pool_position: str = "post",
         attn: str = "ssa",
         attn_scale: float = 0.125,
         drop_path_rate: float = 0.0,
@@ -89,7 +103,7 @@ class Spikformer(SpikingBackbone):
             backend=backend,
             stateful=stateful,
         )
-        self.patch_embed = SPS(in_chans, embed_dim, tuple(pool_stages), self.neuron)
+        self.patch_embed = SPS(in_chans, embed_dim, tuple(pool_stages), self.neuron, pool_position)
         hidden = int(embed_dim * mlp_ratio)
         for rate in self.drop_path_rates(drop_path_rate, depth):
             attention = make_attention(attn, embed_dim, num_heads, self.neuron, scale=attn_scale)
