@@ -13,12 +13,9 @@ from .event_digits import EventDigitsDataModule
 from .events import events_to_frames
 from .imagenet import ImageNetDataModule
 from .neuromorphic import CIFAR10DVSDataModule, DVSGestureDataModule, NCaltech101DataModule
-from .registry import DATAMODULE_NAMES, DATAMODULES, build_datamodule
 from .safe_pickle import UnsafePickleError, load_restricted
 
 __all__ = [
-    "DATAMODULES",
-    "DATAMODULE_NAMES",
     "BaseDataModule",
     "CIFAR10DVSDataModule",
     "CIFAR10DataModule",
@@ -30,7 +27,6 @@ __all__ = [
     "ImageNetDataModule",
     "NCaltech101DataModule",
     "UnsafePickleError",
-    "build_datamodule",
     "events_to_frames",
     "load_restricted",
 ]
