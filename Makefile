@@ -42,7 +42,8 @@ demo: install
 	rm -rf runs/sae-brainmap-demo
 	$(VENV)/bin/sae-brainmap fit --config packages/sae-brainmap/configs/demo.yaml
 	$(VENV)/bin/sae-brainmap run --config packages/sae-brainmap/configs/demo_run.yaml --out runs/sae-brainmap-demo/run
-	@echo "sae-brainmap report: runs/sae-brainmap-demo/run/report.md"
+	$(VENV)/bin/sae-brainmap run --config packages/sae-brainmap/configs/demo_spiking.yaml --out runs/sae-brainmap-demo/spiking
+	@echo "sae-brainmap reports: runs/sae-brainmap-demo/run/report.md, runs/sae-brainmap-demo/spiking/report.md"
 
 bench: install
 	$(VENV)/bin/python benchmarks/run_all.py

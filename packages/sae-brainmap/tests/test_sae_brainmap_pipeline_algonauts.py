@@ -230,7 +230,8 @@ def test_algonauts_dictionary_recovers_the_planted_latents_and_equals_a_dense_co
 def test_algonauts_fsaverage_maps_are_drawn_and_linked_and_the_ceiling_is_reported_unavailable(subject, run):
     out, *_ = run
     report = (out / "report.md").read_text()
-    names = ["fsaverage_best_layer.png", "fsaverage_max_r.png", "fsaverage_activation_image_0000.png"]
+    names = ["fsaverage_best_layer.png", "fsaverage_best_layer_mean.png", "fsaverage_max_r.png",
+             "fsaverage_latent_density.png", "fsaverage_activation_image_0000.png"]  # fmt: skip
     assert json.loads((out / "maps" / "maps.json").read_text())["maps"] == names
     for name in names:
         with Image.open(out / "maps" / name) as png:

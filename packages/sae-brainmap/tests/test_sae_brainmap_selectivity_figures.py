@@ -11,7 +11,6 @@ from PIL import Image
 from sae_brainmap.analysis.selectivity import latent_patch_maps
 from sae_brainmap.backbone import ViTBackbone
 from sae_brainmap.figures import LatentRow, display_image, save_figure, selectivity_figure
-from sae_brainmap.images import to_model_input
 from sae_brainmap.pipeline import _selectivity_rows
 from sae_brainmap.run_config import RunConfigError, load_run_config
 from sae_brainmap.sae import make_sae
@@ -56,7 +55,7 @@ def test_latent_patch_maps_equal_the_hooked_forward_and_read_only_the_requested_
     images = [rng.integers(0, 256, (40 + 7 * i, 56, 3), dtype=np.uint8) for i in range(6)]
     saes = {lay: make_sae("topk", bb.embed_dim, 32, init_seed=lay, k=8) for lay in (1, 3)}
     wanted = [0, 2, 5]
-    x = torch.stack([to_model_input(images[i], bb.img_size, bb.mean, bb.std) for i in wanted])
+    x = torch.stack([bb.preprocess(images[i]) for i in wanted])  # timm's transform for the model
     ref = {lay: _hooked_patch_codes(bb, saes[lay], x, lay) for lay in saes}
     # per image and layer its most active latent (a map worth checking) and one fixed latent
     requests = []

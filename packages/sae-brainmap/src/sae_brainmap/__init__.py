@@ -5,7 +5,7 @@ subject on pycortex's S1)."""
 import importlib.metadata
 
 from .alignment import top_matches
-from .backbone import DEFAULT_BACKBONE, ViTBackbone
+from .backbone import DEFAULT_BACKBONE, Backbone, ViTBackbone, build_backbone
 from .brainmap import BrainMapSAE
 from .checkpoint import SAECheckpointError, load_sae, save_sae
 from .data import ImageDataModule, StoreDataModule
@@ -14,6 +14,7 @@ from .images import EmbeddedImages, FolderImages, NSDImages
 from .metrics import FiringCounter, batch_metrics
 from .module import SAEModule, SAETrainingError, StopWhenConverged, train_sae
 from .sae import KINDS, SAE, SAEConfig, default_lr, make_sae, paper_loss
+from .spiking import SpikeRateBackbone
 from .store import ActivationStore, StoreError, extract_activations
 
 __version__ = importlib.metadata.version("sae-brainmap")  # one source: pyproject.toml
@@ -23,6 +24,7 @@ __all__ = [
     "KINDS",
     "SAE",
     "ActivationStore",
+    "Backbone",
     "BrainMapSAE",
     "EmbeddedImages",
     "FiringCounter",
@@ -33,12 +35,14 @@ __all__ = [
     "SAEConfig",
     "SAEModule",
     "SAETrainingError",
+    "SpikeRateBackbone",
     "StopWhenConverged",
     "StoreDataModule",
     "StoreError",
     "ViTBackbone",
     "VoxelDictionary",
     "batch_metrics",
+    "build_backbone",
     "build_voxel_dictionary",
     "default_lr",
     "extract_activations",

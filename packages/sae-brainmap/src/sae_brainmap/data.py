@@ -39,7 +39,7 @@ class ImageDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         bb = _model(self).backbone
         source = make_source(self.source_kind, self.path, self.n_images, self.seed)
-        self.dataset = ImageDataset(source, bb.img_size, bb.mean, bb.std)
+        self.dataset = ImageDataset(source, **bb.preprocessing)
 
     def train_dataloader(self):
         return torch.utils.data.DataLoader(

@@ -74,6 +74,7 @@ def build_voxel_dictionary(
     one_to_one: bool = False,
     candidates: int = 16,
     chunk: int = 2048,
+    similarity: dict | None = None,
 ) -> VoxelDictionary:
     """The voxel dictionary of ``responses`` ``[N, V]`` over ``layer_acts`` ``{layer: [N, U_layer]}``.
 
@@ -81,10 +82,16 @@ def build_voxel_dictionary(
     the smaller layer, then the smaller latent. ``one_to_one``: ``scipy.optimize.linear_sum_assignment``
     maximising the total r, restricted to each voxel's ``candidates`` best latents per layer (exact when
     ``candidates`` >= the number of latents); voxels left without a latent get -1.
+
+    ``similarity``: ``{layer: LayerSimilarity}`` of :func:`sae_brainmap.analysis.similarity_stats` over the
+    same activations and responses (computed with the same ``centered``): the independent argmax then
+    takes each layer's best latent per voxel from it instead of streaming the similarities again.
     """
     layers = _check_layers(layer_acts, responses)
     if one_to_one:
         layer, latent, r = _one_to_one(layer_acts, layers, responses, centered, candidates, chunk)
+    elif similarity is not None:
+        layer, latent, r = _from_similarity(similarity, layers, responses.shape[1])
     else:
         layer, latent, r = _independent(layer_acts, layers, responses, centered, chunk)
     return VoxelDictionary(
@@ -98,13 +105,31 @@ def build_voxel_dictionary(
 
 
 def _independent(layer_acts, layers, responses, centered, chunk):
-    V = responses.shape[1]
+    def per_layer():
+        for lay in layers:
+            vals, idx = top_matches(layer_acts[lay], responses, k=1, centered=centered, chunk=chunk)
+            yield lay, vals[:, 0].cpu(), idx[:, 0].cpu()
+
+    return _best_over_layers(per_layer(), responses.shape[1])
+
+
+def _from_similarity(similarity: dict, layers: list[int], V: int):
+    if sorted(similarity) != layers:
+        raise ValueError(f"similarity covers layers {sorted(similarity)}, the activations {layers}")
+    for lay in layers:
+        if similarity[lay].voxel_max.shape != (V,):
+            n = similarity[lay].voxel_max.shape[0]
+            raise ValueError(f"similarity of layer {lay} covers {n} voxels, not {V}")
+    per_layer = ((lay, similarity[lay].voxel_max.float(), similarity[lay].voxel_argmax) for lay in layers)
+    return _best_over_layers(per_layer, V)
+
+
+def _best_over_layers(per_layer, V: int):
+    """Per voxel the best (layer, latent, r) over ``(layer, r [V], latent [V])`` in layer order."""
     best_r = torch.full((V,), float("-inf"))
     best_layer = torch.full((V,), -1, dtype=torch.int64)
     best_latent = torch.full((V,), -1, dtype=torch.int64)
-    for lay in layers:
-        vals, idx = top_matches(layer_acts[lay], responses, k=1, centered=centered, chunk=chunk)
-        vals, idx = vals[:, 0].cpu(), idx[:, 0].cpu()
+    for lay, vals, idx in per_layer:
         better = (idx >= 0) & (vals > best_r)  # strictly: a tie keeps the earlier (smaller) layer
         best_r = torch.where(better, vals, best_r)
         best_layer = torch.where(better, lay, best_layer)

@@ -43,12 +43,14 @@ class LatentRow:
     note: str = ""  # appended to the row's title
 
 
-def display_image(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def display_image(
+    img: np.ndarray, size: tuple[int, int], crop_pct: float = 1.0, crop_mode: str = "center"
+) -> np.ndarray:
     """uint8 ``[H, W, 3]`` -> uint8 ``[*size, 3]``: the region the model sees (its resize and centre
-    crop), at ``size`` for display."""
+    crop: the backbone's ``crop_pct`` and ``crop_mode``), at ``size`` for display."""
     from .images import to_model_input
 
-    x = to_model_input(img, size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    x = to_model_input(img, size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), crop_pct=crop_pct, crop_mode=crop_mode)
     return (x.permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
 
 
@@ -228,3 +230,39 @@ def save_figure(fig, path: str | Path, dpi: int = 150) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi, facecolor="white")
     return path
+
+
+def latent_count_figure(mapping, max_cols: int = 4):
+    """The latent -> voxel mapping as bar plots, one panel per ROI (the authors' per-ROI bar plots): for
+    each layer, how many of its latents have their best voxel in the ROI, with the count that uniformly
+    placed latents would give (the ROI's share of the voxels) as a line. ``mapping``: a
+    :class:`~sae_brainmap.analysis.LatentMapping`. A matplotlib ``Figure`` (headless Agg canvas)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rois, layers = mapping.rois, mapping.layers
+    if not rois:
+        raise ValueError("no ROIs to draw")
+    n_cols = min(max_cols, len(rois))
+    n_rows = -(-len(rois) // n_cols)
+    fig = Figure(figsize=(3.2 * n_cols + 0.4, 2.4 * n_rows + 0.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(n_rows, n_cols, squeeze=False).ravel()
+    x = np.arange(len(layers))
+    assigned = mapping.n_latents - mapping.unassigned
+    n_voxels = max(mapping.density.shape[1], 1)
+    for ax, i in zip(axes, range(len(rois)), strict=False):
+        ax.bar(x, mapping.roi_layer_counts[i], color="#377eb8")
+        uniform = assigned * mapping.roi_voxels[i] / n_voxels
+        ax.plot(x, uniform, color="#e41a1c", linewidth=1.2, marker=".", label="uniform")
+        ax.set_title(f"{rois[i]} ({mapping.roi_voxels[i]} voxels)", fontsize=10)
+        ax.set_xticks(x, [str(lay) for lay in layers], fontsize=7)
+        ax.tick_params(axis="y", labelsize=7)
+        ax.set_xlabel("layer", fontsize=8)
+        ax.set_ylabel("latents", fontsize=8)
+    for ax in axes[len(rois) :]:
+        ax.remove()
+    axes[0].legend(fontsize=7, frameon=False)
+    fig.suptitle("latent -> voxel: latents whose best voxel lies in each ROI, per layer "
+                 "(red: uniformly placed latents)", fontsize=11)  # fmt: skip
+    return fig

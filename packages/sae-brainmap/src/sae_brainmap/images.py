@@ -1,5 +1,5 @@
-"""Image sources (a folder, a list of files, NSD's ``nsd_stimuli.hdf5``, the embedded photographs) and the ViT
-transform.
+"""Image sources (a folder, a list of files, NSD's ``nsd_stimuli.hdf5``, the embedded photographs) and the
+backbones' input transform.
 
 A source returns uint8 ``[H, W, 3]`` arrays; :class:`ImageDataset` turns them into normalised tensors.
 A missing folder or file is a FileNotFoundError; an image or stimuli file that cannot be read (truncated,
@@ -7,6 +7,7 @@ corrupted, the wrong layout) or indices the stimuli file does not have are one :
 naming the file, never PIL's or h5py's own traceback.
 """
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -192,30 +193,74 @@ class EmbeddedImages:
         return np.ascontiguousarray(crop)
 
 
-def to_model_input(img: np.ndarray, size: tuple[int, int], mean, std) -> Tensor:
-    """uint8 ``[H, W, 3]`` -> float ``[3, h, w]``: resize the short side (bicubic, antialiased), centre
-    crop, normalise (CLIP's preprocessing)."""
+CROP_MODES = ("center", "squash")
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
+
+
+def to_model_input(
+    img: np.ndarray,
+    size: tuple[int, int],
+    mean,
+    std,
+    crop_pct: float = 1.0,
+    interpolation: str = "bicubic",
+    crop_mode: str = "center",
+) -> Tensor:
+    """uint8 ``[H, W, 3]`` -> float ``[3, h, w]``, timm's evaluation transform on a tensor: resize
+    (antialiased) to ``size / crop_pct`` (``center``: the short side, keeping the aspect ratio; ``squash``:
+    both sides), centre crop ``size``, normalise. ``crop_pct`` 1 with bicubic interpolation is CLIP's
+    preprocessing (resize the short side, centre crop), the default. It works on float pixels rather than
+    PIL's uint8, and where torchvision truncates the long side and rounds the crop's offset half to even, it
+    rounds the long side to the nearest pixel and the offset down: a non-square image can sit one pixel off
+    timm's; a square one differs by resampling only."""
+    if crop_mode not in CROP_MODES:
+        raise ValueError(f"crop_mode must be one of {CROP_MODES}, got {crop_mode!r}")
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
+    if not 0 < crop_pct <= 1:
+        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
     x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255)[None]
     h, w = x.shape[-2:]
-    scale = max(size[0] / h, size[1] / w)
-    nh, nw = max(size[0], round(h * scale)), max(size[1], round(w * scale))
-    x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False).clamp_(0, 1)
+    scaled = (math.floor(size[0] / crop_pct), math.floor(size[1] / crop_pct))
+    if crop_mode == "squash":
+        nh, nw = scaled
+    else:
+        scale = max(scaled[0] / h, scaled[1] / w)
+        nh, nw = max(scaled[0], round(h * scale)), max(scaled[1], round(w * scale))
+    if interpolation == "nearest":
+        x = F.interpolate(x, size=(nh, nw), mode="nearest")
+    else:
+        x = F.interpolate(x, size=(nh, nw), mode=interpolation, antialias=True, align_corners=False)
+    x = x.clamp_(0, 1)
     top, left = (nh - size[0]) // 2, (nw - size[1]) // 2
     x = x[0, :, top : top + size[0], left : left + size[1]]
     return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """``source[i]`` as a model input tensor."""
+    """``source[i]`` as a model input tensor (:func:`to_model_input` with these settings; a backbone's own
+    are ``ImageDataset(source, **backbone.preprocessing)``)."""
 
-    def __init__(self, source, size: tuple[int, int], mean, std) -> None:
+    def __init__(
+        self,
+        source,
+        size: tuple[int, int],
+        mean,
+        std,
+        crop_pct: float = 1.0,
+        interpolation: str = "bicubic",
+        crop_mode: str = "center",
+    ) -> None:
         self.source, self.size, self.mean, self.std = source, tuple(size), tuple(mean), tuple(std)
+        self.crop_pct, self.interpolation, self.crop_mode = float(crop_pct), interpolation, crop_mode
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, i: int) -> Tensor:
-        return to_model_input(self.source[i], self.size, self.mean, self.std)
+        return to_model_input(
+            self.source[i], self.size, self.mean, self.std, self.crop_pct, self.interpolation, self.crop_mode
+        )
 
 
 def make_source(kind: str = "embedded", path: str | None = None, n_images: int = 300, seed: int = 0):

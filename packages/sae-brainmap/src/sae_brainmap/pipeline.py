@@ -5,10 +5,14 @@
    ``[N, U]`` and of the raw residual ``[N, 768]``, and the last block's CLS token (the encoding baseline).
 2. ``brain``: the synthetic subject on pycortex's S1, planted from those SAE codes, NSD betas, or an
    Algonauts 2023 subject (surface data: challenge-space vertices of fsaverage, no noise ceiling).
-3. ``dictionary``: the voxel dictionary over SAE latents and a raw-neuron one over residual dimensions.
-4. ``analysis``: RSA, the layer hierarchy, the ridge encoding baseline, the synthetic recovery.
-5. ``maps``: best layer, max r and two images' dictionary activations as pycortex flatmaps (volume data) or
-   on the inflated fsaverage surface (Algonauts 2023), with ROI outlines there; per ROI a figure of
+3. ``dictionary``: one streamed pass per layer over the latent x voxel similarities (per voxel the best and
+   the mean r, per latent the best voxel), the voxel dictionary over SAE latents from it, and a raw-neuron
+   one over residual dimensions.
+4. ``analysis``: the headline (max and mean similarity over voxels, SAE latents vs raw neurons), RSA, the
+   layer hierarchy, the latent -> voxel mapping, the ridge encoding baseline, the synthetic recovery.
+5. ``maps``: best layer (max and mean rule), max r, the latent density and two images' dictionary
+   activations as pycortex flatmaps (volume data) or on the inflated fsaverage surface (Algonauts 2023),
+   with ROI outlines there; per ROI a figure of
    its top latents' top images with their patch-activation maps (the backbone and SAEs rerun on just
    those images: the activations stage keeps only per-image means).
 6. ``report``: ``report.md`` with the numbers and the figures.
@@ -45,11 +49,17 @@ from .run_config import (
 )
 from .store import settings_hash
 
-VERSION = 2  # bump when a stage's outputs change meaning (2: seeded random backbone, selectivity figures)
+# bump when a stage's outputs change meaning (2: seeded random backbone, selectivity figures; 3: streamed
+# similarity statistics, the headline, the latent -> voxel mapping)
+VERSION = 3
 STAGES = ("activations", "brain", "dictionary", "analysis", "maps", "report")
 SELECTIVITY_MAPS = "selectivity_maps.npz"  # maps/: the patch maps the selectivity figures draw
 RSA_HEATMAPS = "rsa_heatmaps.png"  # analysis/: the ROI-ordered correlation matrices the RSA compares
 FSAVERAGE_MAPS = "fsaverage_maps.npz"  # maps/: the fsaverage vectors the surface maps draw (Algonauts)
+LATENT_COUNTS = "latent_counts.png"  # analysis/: per ROI, the latents whose best voxel lies there, per layer
+# dictionary/similarity_<model>.npz: the streamed statistics of SAE latents and raw residual dimensions
+SIMILARITY_INPUTS = (("sae", "sae_codes.npz", "sae_dictionary.npz"),
+                     ("neurons", "residual_means.npz", "neuron_dictionary.npz"))  # fmt: skip
 TRAINING_IMAGES = "training_split/training_images"  # an Algonauts subject's stimuli
 DISPLAY_PX = 224  # images in the selectivity figures are shown at least this large
 UPSTREAM = {
@@ -89,7 +99,7 @@ def _section(c: RunConfig, stage: str) -> dict:
         extra = {}
         if c.images.source == "nsd":
             extra = {"design": _stamp(c.brain.nsd.expdesign), "betas": [_stamp(b) for b in c.brain.nsd.betas],
-                     "subject": c.brain.nsd.subject}  # fmt: skip
+                     "subject": c.brain.nsd.subject, "nsd_images": c.brain.nsd.images}  # fmt: skip
         if c.images.source == "algonauts":
             extra = {"algonauts_images": _stamp(str(_algonauts_dir(c) / TRAINING_IMAGES)),
                      "max_images": c.brain.algonauts.max_images}  # fmt: skip
@@ -239,11 +249,13 @@ def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
 
 
 def _nsd_image_ids(c: RunConfig) -> np.ndarray:
-    """The (sorted, unique) NSD ids of the images in the subject's betas files: the rows of everything."""
+    """The (sorted, unique) NSD ids of the images in the subject's betas files, those of
+    ``brain.nsd.images`` (all, unique or shared): the rows of everything."""
     from .brain import nsd_image_ids
 
     n = c.brain.nsd  # betas as .nii.gz or .hdf5; only their headers are read
-    return nsd_image_ids([Path(b).expanduser() for b in n.betas], Path(n.expdesign).expanduser(), n.subject)
+    betas = [Path(b).expanduser() for b in n.betas]
+    return nsd_image_ids(betas, Path(n.expdesign).expanduser(), n.subject, images=n.images)
 
 
 def _algonauts_images(c: RunConfig) -> list[Path]:
@@ -276,15 +288,20 @@ def _image_source(c: RunConfig):
 
 
 def _backbone(c: RunConfig):
-    """The run's ViT and the warnings its construction gave. Random weights (no checkpoint) are drawn
-    from ``backbone.seed``, so that the maps stage rebuilds the very network the activations came from."""
-    from .backbone import ViTBackbone
+    """The run's backbone (a timm ViT or a spiking model, :func:`~.backbone.build_backbone`) and the warnings
+    its construction gave. Random weights (no checkpoint) are drawn from ``backbone.seed``, so that the maps
+    stage rebuilds the very network the activations came from. Layers it does not have are a config error."""
+    from .backbone import build_backbone
 
-    kwargs = {"img_size": c.backbone.img_size} if c.backbone.img_size else {}
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.manual_seed(c.backbone.seed)
-        bb = ViTBackbone(c.backbone.name, checkpoint=c.backbone.checkpoint, model_kwargs=kwargs)
+        bb = build_backbone(c.backbone)
+    bad = [lay for lay in c.backbone.layers or [] if not 0 <= lay < bb.depth]
+    if bad:
+        raise RunConfigError(
+            f"backbone.layers {bad} out of range: {bb.name} has {bb.depth} blocks, layers 0..{bb.depth - 1}"
+        )
     return bb, [str(w.message) for w in caught]
 
 
@@ -306,7 +323,6 @@ def _sae_paths(c: RunConfig, layers: list[int]) -> dict[int, Path] | None:
 
 def _activations(c: RunConfig, root: Path, out: Path, log) -> list[str]:
     from .checkpoint import load_sae, save_sae
-    from .images import to_model_input
     from .module import train_sae
 
     bb, messages = _backbone(c)
@@ -319,10 +335,11 @@ def _activations(c: RunConfig, root: Path, out: Path, log) -> list[str]:
     paths = _sae_paths(c, layers)
     saes = {lay: load_sae(p) for lay, p in paths.items()} if paths else None
     for lay, sae in (saes or {}).items():  # before any image: an SAE of another width fails at encode
-        if sae.config.d_in != bb.embed_dim:
+        if sae.config.d_in != bb.layer_dim(lay):
             raise RunConfigError(
                 f"sae.checkpoints: the SAE for layer {lay} ({paths[lay]}) takes {sae.config.d_in}-dim input, "
-                f"but {bb.name}'s residual stream is {bb.embed_dim}-dim: use SAEs trained on this backbone"
+                f"but {bb.name}'s residual stream is {bb.layer_dim(lay)}-dim: use SAEs trained on this "
+                "backbone"
             )
     log(f"  {n} images at {bb.img_size[0]} px through {bb.name}, layers {layers}")
     resid_mean = {lay: [] for lay in layers}
@@ -332,9 +349,9 @@ def _activations(c: RunConfig, root: Path, out: Path, log) -> list[str]:
     t0 = time.perf_counter()
     for start in range(0, n, c.images.batch_size):
         idx = range(start, min(n, start + c.images.batch_size))
-        x = torch.stack([to_model_input(source[i], bb.img_size, bb.mean, bb.std) for i in idx])
+        x = torch.stack([bb.preprocess(source[i]) for i in idx])
         streams = bb(x, sorted(set(layers) | {last}))
-        cls.append(streams[last][:, 0].float())
+        cls.append(bb.embedding(streams[last]).float())  # a ViT's CLS token, a spiking model's token mean
         for lay in layers:
             patch = bb.select_tokens(streams[lay], "patch").float()
             resid_mean[lay].append(patch.mean(1))
@@ -345,6 +362,12 @@ def _activations(c: RunConfig, root: Path, out: Path, log) -> list[str]:
                     z = saes[lay].encode(patch.reshape(-1, patch.shape[-1]))
                 codes[lay].append(z.reshape(*patch.shape[:2], -1).mean(1))
         log(f"  images {idx[-1] + 1}/{n} ({time.perf_counter() - t0:.0f} s)")
+    silent = [lay for lay in layers if not torch.cat(resid_mean[lay]).any()]
+    if silent:  # nothing for an SAE to learn: a spiking network with random weights does not fire
+        raise RunConfigError(
+            f"backbone {bb.name}: layer(s) {silent} are zero on every image (silent neurons); give a trained "
+            "backbone.checkpoint"
+        )
     metrics = {}
     if saes is None:
         saes = {}
@@ -376,7 +399,8 @@ def _activations(c: RunConfig, root: Path, out: Path, log) -> list[str]:
     for i, img in zip(c.maps.images, first, strict=False):
         Image.fromarray(img).resize((128, 128)).save(out / f"stimulus_{i:04d}.png")
     info = {"n_images": n, "layers": layers, "img_size": list(bb.img_size), "backbone": bb.name,
-            "random_backbone": c.backbone.checkpoint is None, "sae_trained_here": paths is None,
+            "backbone_kind": bb.kind, "random_backbone": c.backbone.checkpoint is None,
+            "sae_trained_here": paths is None,
             "sae_metrics": {str(k): v for k, v in metrics.items()}}  # fmt: skip
     (out / "info.json").write_text(json.dumps(info, indent=1))
     return [
@@ -440,6 +464,11 @@ def _nsd_brain(c: RunConfig, root: Path, out: Path, log) -> None:
     data = load_nsd_betas([Path(b).expanduser() for b in n_cfg.betas], Path(n_cfg.expdesign).expanduser(),
                           n_cfg.subject, mask, zscore_by=n_cfg.zscore_by)  # fmt: skip
     expected = _nsd_image_ids(c)
+    keep = np.isin(data.images, expected)  # brain.nsd.images: all, or the unique / shared ones only
+    if not keep.all():
+        log(f"  brain.nsd.images {n_cfg.images}: {int(keep.sum())} of {len(keep)} images kept")
+        data = dataclasses.replace(data, responses=data.responses[keep], images=data.images[keep],
+                                   n_repeats=data.n_repeats[keep])  # fmt: skip
     if not np.array_equal(data.images, expected):
         from .brain.errors import BrainDataError
 
@@ -496,23 +525,31 @@ def _algonauts_brain(c: RunConfig, root: Path, out: Path, log) -> None:
 
 
 def _dictionary(c: RunConfig, root: Path, out: Path, log) -> list[str]:
+    from .analysis.similarity_stats import save_similarity_stats, similarity_stats
     from .dictionary import build_voxel_dictionary
 
     with np.load(root / "brain" / "responses.npz", allow_pickle=False) as f:
         responses, roi = torch.from_numpy(f["responses"]).float(), f["roi"]
     d = c.dictionary
     kw = {"centered": d.centered, "one_to_one": d.one_to_one, "candidates": d.candidates}
-    sae = build_voxel_dictionary(_load_layers(root / "activations" / "sae_codes.npz"), responses, **kw)
-    sae.save(out / "sae_dictionary.npz")
-    raw = build_voxel_dictionary(_load_layers(root / "activations" / "residual_means.npz"), responses, **kw)
-    raw.save(out / "neuron_dictionary.npz")
+    built = {}
+    for model, codes, name in SIMILARITY_INPUTS:
+        acts = _load_layers(root / "activations" / codes)
+        # One streamed pass over each layer's [latents, voxels] similarities: every voxel's best latent (the
+        # dictionary) and mean r (the mean rule), every latent's best voxel (the latent -> voxel mapping).
+        stats = similarity_stats(acts, responses, centered=d.centered)
+        save_similarity_stats(out / f"similarity_{model}.npz", stats)
+        built[model] = build_voxel_dictionary(acts, responses, **kw, similarity=stats)
+        built[model].save(out / name)
+    sae, raw = built["sae"], built["neurons"]
     log(f"  {sae.n_voxels} voxels: median r SAE latents {sae.r.median():.3f}, "
         f"residual dims {raw.r.median():.3f}")  # fmt: skip
     rows = [[v, roi[v], int(sae.layer[v]), int(sae.latent[v]), f"{float(sae.r[v]):.4f}", int(raw.layer[v]),
              int(raw.latent[v]), f"{float(raw.r[v]):.4f}"] for v in range(sae.n_voxels)]  # fmt: skip
     header = ["voxel", "roi", "layer", "latent", "r", "neuron_layer", "neuron", "neuron_r"]
     _write_csv(out / "dictionary.csv", header, rows)
-    return ["sae_dictionary.npz", "neuron_dictionary.npz", "dictionary.csv"]
+    stats = [f"similarity_{model}.npz" for model, _, _ in SIMILARITY_INPUTS]
+    return ["sae_dictionary.npz", "neuron_dictionary.npz", "dictionary.csv", *stats]
 
 
 def _no_ceiling_note(c: RunConfig) -> str:
@@ -544,15 +581,21 @@ def _median_order_ok(medians: dict[str, float], planted: dict[str, int]) -> bool
 def _analysis(c: RunConfig, root: Path, out: Path, log) -> list[str]:
     from .analysis import (
         best_layer,
+        headline,
+        latent_mapping,
         latents_per_roi,
-        layer_r,
+        layer_scores,
+        load_similarity_stats,
         ridge_encoding,
         roi_layer_counts,
         roi_selectivity,
+        roi_selectivity_per_layer,
         rsa,
     )
+    from .analysis.similarity_stats import HEADLINE_HEADER, headline_rows
     from .brain import noise_ceiling
     from .dictionary import VoxelDictionary
+    from .figures import latent_count_figure, save_figure
 
     a = c.analysis
     with np.load(root / "brain" / "responses.npz", allow_pickle=False) as f:
@@ -564,6 +607,8 @@ def _analysis(c: RunConfig, root: Path, out: Path, log) -> list[str]:
     layers = sorted(codes)
     sae = VoxelDictionary.load(root / "dictionary" / "sae_dictionary.npz")
     raw = VoxelDictionary.load(root / "dictionary" / "neuron_dictionary.npz")
+    sims = {m: load_similarity_stats(root / "dictionary" / f"similarity_{m}.npz")
+            for m, _, _ in SIMILARITY_INPUTS}  # fmt: skip
     numbers: dict = {"n_images": int(responses.shape[0]), "n_voxels": int(responses.shape[1]),
                      "layers": layers, "rois": rois}  # fmt: skip
 
@@ -572,7 +617,7 @@ def _analysis(c: RunConfig, root: Path, out: Path, log) -> list[str]:
     ok &= (sae.activations.numpy().std(0) > 0) & (raw.activations.numpy().std(0) > 0)
     idx = np.flatnonzero(ok)
     rng = np.random.default_rng(a.seed)
-    if len(idx) > a.rsa_max_voxels:
+    if a.rsa_max_voxels is not None and len(idx) > a.rsa_max_voxels:  # None: all voxels (the authors')
         idx = np.sort(rng.choice(idx, a.rsa_max_voxels, replace=False))
     numbers["rsa"] = {"n_voxels": len(idx), "permutations": a.rsa_permutations}
     for name, d in (("sae_dictionary", sae), ("neuron_baseline", raw)):
@@ -589,7 +634,7 @@ def _analysis(c: RunConfig, root: Path, out: Path, log) -> list[str]:
     hier: dict = {}
     per_voxel = {}
     for rule in ("max", "mean"):
-        scores = layer_r(codes, resp_t, rule=rule)
+        scores = layer_scores(sims["sae"], rule=rule)  # the dictionary stage's streamed statistics
         best = best_layer(scores, layers)
         counts = roi_layer_counts(best, roi, rois, layers)
         per_voxel[f"best_layer_{rule}"], per_voxel[f"score_{rule}"] = best, scores.max(0)
@@ -608,7 +653,23 @@ def _analysis(c: RunConfig, root: Path, out: Path, log) -> list[str]:
         r: float(np.median(dict_layer[(roi == r) & (dict_layer >= 0)])) for r in rois
     }  # fmt: skip
     numbers["hierarchy"] = hier
-    np.savez(out / "per_voxel.npz", max_r=sae.r.numpy(), **per_voxel)
+
+    # the paper's headline (max and mean over voxels of the best r: SAE latents vs raw neurons) and the
+    # authors' latent -> voxel mapping (each latent's best voxel: counts per ROI and layer, density per voxel)
+    numbers["headline"] = headline(sims, roi, rois, n_images=responses.shape[0])
+    _write_csv(out / "headline.csv", HEADLINE_HEADER, headline_rows(numbers["headline"]))
+    s_all, n_all = (numbers["headline"][m]["all_layers"] for m in ("sae", "neurons"))
+    log(f"  headline: SAE latents max r {_fmt(s_all['max'])}, mean {_fmt(s_all['mean'])}; "
+        f"raw neurons max {_fmt(n_all['max'])}, mean {_fmt(n_all['mean'])}")  # fmt: skip
+    mapping = latent_mapping(sims["sae"], roi, rois)
+    numbers["latent_mapping"] = mapping.numbers()
+    _write_csv(out / "latent_roi_layer_counts.csv", ["roi", *[f"layer_{lay}" for lay in layers]],
+               [[r, *mapping.roi_layer_counts[i].tolist()] for i, r in enumerate(rois)]
+               + [["(outside the ROIs)", *mapping.outside.tolist()],
+                  ["(no best voxel)", *mapping.unassigned.tolist()]])  # fmt: skip
+    save_figure(latent_count_figure(mapping), out / LATENT_COUNTS, dpi=120)
+    np.savez(out / "per_voxel.npz", max_r=sae.r.numpy(), latent_density=mapping.density.sum(0),
+             latent_density_layers=mapping.density, layers=np.asarray(layers), **per_voxel)  # fmt: skip
 
     # ROI-consistent selectivity: each ROI's top latents by mean r over its voxels, with their top images
     sel = roi_selectivity(codes, resp_t, roi, rois, top_latents=a.selectivity_latents,
@@ -619,6 +680,17 @@ def _analysis(c: RunConfig, root: Path, out: Path, log) -> list[str]:
         for r, entries in sel.items()
     }  # fmt: skip
     numbers["roi_voxels"] = {r: int((roi == r).sum()) for r in rois}
+    (out / "selectivity_per_layer.csv").unlink(missing_ok=True)  # none stale from an earlier run
+    if a.selectivity_per_layer:  # the authors' ranking: each layer's own top latents per ROI
+        ranked = roi_selectivity_per_layer(codes, resp_t, roi, rois, top_latents=a.selectivity_per_layer)
+        numbers["selectivity_per_layer"] = {
+            r: {str(lay): [{"latent": u, "mean_r": m} for u, m in entries]
+                for lay, entries in by_layer.items()}
+            for r, by_layer in ranked.items()
+        }  # fmt: skip
+        _write_csv(out / "selectivity_per_layer.csv", ["roi", "layer", "rank", "latent", "mean_r"],
+                   [[r, lay, i, u, f"{m:.4f}"] for r, by_layer in ranked.items()
+                    for lay, entries in by_layer.items() for i, (u, m) in enumerate(entries)])  # fmt: skip
 
     # the encoding baseline: ridge from the final embedding
     with np.load(root / "activations" / "final_embedding.npz", allow_pickle=False) as f:
@@ -721,13 +793,20 @@ def _map_specs(c: RunConfig, root: Path, log) -> list[MapSpec]:
     from .dictionary import VoxelDictionary
 
     with np.load(root / "analysis" / "per_voxel.npz", allow_pickle=False) as f:
-        best, max_r = f["best_layer_max"], f["max_r"]
+        best, best_mean, max_r = f["best_layer_max"], f["best_layer_mean"], f["max_r"]
+        density = f["latent_density"]
     sae = VoxelDictionary.load(root / "dictionary" / "sae_dictionary.npz")
     layers = list(sae.layers)
+    lo, hi = min(layers), max(layers)
     specs = [
-        MapSpec("best_layer", best, "best layer (max rule)", "viridis", "layer", min(layers), max(layers)),
+        MapSpec("best_layer", best, "best layer (max rule)", "viridis", "layer", lo, hi),
+        MapSpec("best_layer_mean", best_mean, "best layer (mean rule)", "viridis", "layer", lo, hi),
         MapSpec("max_r", max_r, "max r (voxel dictionary)", "magma", "Pearson r"),
-    ]
+        # the latent -> voxel density, on a log scale: a few voxels collect many latents
+        MapSpec("latent_density", np.log10(1 + density), "latent -> voxel: latents whose best voxel it is "
+                "(all layers)", "inferno", "log10(1 + latents)", 0.0,
+                max(1.0, float(np.log10(1 + density.max())))),
+    ]  # fmt: skip
     acts = sae.activations.numpy()
     for i in c.maps.images:
         if i >= acts.shape[0]:
@@ -874,8 +953,13 @@ def _selectivity_rows(entries: list[dict], shown: dict, maps: dict) -> list:
 
 
 def _selectivity_arrays(key: str, entries: list[dict], maps: dict) -> dict[str, np.ndarray]:
-    """Every top image's patch map (silent ones included) for ``selectivity_maps.npz``."""
+    """Every top image's patch map (silent ones included) for ``selectivity_maps.npz``. Maps on a coarser
+    grid than the ROI's finest (the later stages of a multi-stage spiking backbone) are repeated onto it,
+    each token over the cells it covers, which keeps every map's mean."""
     grids = [[maps[(e["layer"], e["latent"], i)] for i in e["top_images"]] for e in entries]
+    rows, cols = max(m.shape[0] for g in grids for m in g), max(m.shape[1] for g in grids for m in g)
+    grids = [[m[np.arange(rows) * m.shape[0] // rows][:, np.arange(cols) * m.shape[1] // cols] for m in g]
+             for g in grids]  # fmt: skip
     return {
         f"maps_{key}": np.asarray(grids, np.float32),
         f"images_{key}": np.asarray([e["top_images"] for e in entries]),
@@ -909,7 +993,9 @@ def _selectivity_figures(c: RunConfig, root: Path, out: Path, log) -> dict[str, 
     maps = latent_patch_maps(bb, _run_saes(c, root, layers), source, requests, batch_size=batch_size)
     _check_patch_maps(selectivity, maps, log)
     scale = max(1.0, DISPLAY_PX / min(bb.img_size))
-    shown = {i: display_image(source[i], tuple(round(s * scale) for s in bb.img_size)) for i in images}
+    crop = {k: bb.preprocessing[k] for k in ("crop_pct", "crop_mode")}  # the region the backbone sees
+    size = tuple(round(s * scale) for s in bb.img_size)
+    shown = {i: display_image(source[i], size, **crop) for i in images}
     weights = " (RANDOM weights)" if c.backbone.checkpoint is None else ""
     subtitle = f"{bb.name} at {bb.img_size[0]} px{weights}; overlay: the latent's activation per patch"
     figures: dict[str, str | None] = {}
@@ -963,7 +1049,7 @@ def _encoding_lines(e: dict, rois: list[str]) -> list[str]:
         if e.get("noise_ceiling_note") is None
         else f". {e['noise_ceiling_note']}"
     )
-    lines = ["", "## Encoding baseline (ridge from the last layer's CLS)", "",
+    lines = ["", "## Encoding baseline (ridge from the last layer's CLS; a spiking model's token mean)", "",
              f"{e['n_train']} training / {e['n_test']} held-out images: median R^2 {_fmt(e['median_r2'])}, "
              f"mean {_fmt(e['mean_r2'])}{ceiling}", "", "| ROI | median R^2 |", "|---|---|"]  # fmt: skip
     return lines + [f"| {q} | {_fmt(e['per_roi_median_r2'][q])} |" for q in rois]
@@ -988,6 +1074,8 @@ def _map_lines(root: Path, maps: list[str], notes: list[str], kind: str) -> list
 
 
 def _report(c: RunConfig, root: Path, out: Path, log) -> list[str]:
+    from .report_sections import headline_lines, latent_mapping_lines, selectivity_per_layer_lines
+
     numbers = json.loads((root / "analysis" / "numbers.json").read_text())
     info = json.loads((root / "activations" / "info.json").read_text())
     maps_json = json.loads((root / "maps" / "maps.json").read_text())
@@ -1006,6 +1094,7 @@ def _report(c: RunConfig, root: Path, out: Path, log) -> list[str]:
         L += [f"| {k} | {_fmt(m['fve'])} | {_fmt(m['l0'])} | {_fmt(m['dead_fraction'])} |"
               for k, m in info["sae_metrics"].items()]  # fmt: skip
         L.append("")
+    L += headline_lines(numbers)
     if "synthetic" in numbers:
         s = numbers["synthetic"]
         L += ["## Synthetic subject: recovery of the planted latents", "",
@@ -1039,12 +1128,15 @@ def _report(c: RunConfig, root: Path, out: Path, log) -> list[str]:
         L.append("")
     L += ["## Distinct dictionary latents per ROI and layer", "", head, sep]
     L += [f"| {q} | " + " | ".join(str(v) for v in h["latents_per_roi"][q]) + " |" for q in rois]
+    counts_png = LATENT_COUNTS if (root / "analysis" / LATENT_COUNTS).is_file() else None
+    L += ["", *latent_mapping_lines(numbers, counts_png)]
     L += ["", "## ROI-consistent selectivity: each ROI's top latents by mean r over its voxels", "",
           "| ROI | layer:latent | mean r | top images |", "|---|---|---|---|"]  # fmt: skip
     L += [f"| {q} | {e['layer']}:{e['latent']} | {_fmt(e['mean_r'])} | "
           + ", ".join(str(i) for i in e["top_images"]) + " |"
           for q in rois for e in numbers.get("selectivity", {}).get(q, [])]  # fmt: skip
     L += _selectivity_figure_links(selectivity_figures, rois)
+    L += selectivity_per_layer_lines(numbers)
     L += _encoding_lines(numbers["encoding"], rois)
     L += _map_lines(root, maps, maps_json.get("notes", []), c.brain.kind)
     if numbers.get("unavailable"):

@@ -20,6 +20,7 @@ import yaml
 from spikecore.errors import ConfigError
 
 from .backbone import DEFAULT_BACKBONE
+from .brain.nsd import NSD_IMAGE_SETS
 from .brain.s1 import S1_ROIS
 
 SURFACE_VIEWS = ("lateral", "medial", "ventral")  # the fsaverage maps' default panels
@@ -47,9 +48,18 @@ class ImagesConfig:
 
 @dataclass
 class BackboneConfig:
-    name: str = DEFAULT_BACKBONE
+    # timm: a timm ViT (residual stream after each block) | spiking: a spiking transformer (each block's
+    # output averaged over the T steps: spike rates), a spikecore model by name or a class by class_path
+    kind: str = "timm"
+    name: str = DEFAULT_BACKBONE  # timm model | spikecore.models model (kind spiking without class_path)
     checkpoint: str | None = None  # None: RANDOM weights (a warning says so)
+    # kind spiking: the model class (module.Class, e.g. tdformer.TDFormerClassifier), imported at run time
+    # and built from the (Lightning) checkpoint's saved hyper-parameters; None: spikecore's `name`
+    class_path: str | None = None
+    init_args: dict | None = None  # builder arguments (timm / spikecore create_model, or class_path's)
     img_size: int | None = None  # None: the model's own (224)
+    mean: list[float] | None = None  # normalisation; None: timm's for the model / the checkpoint's data
+    std: list[float] | None = None  # module's (spiking), else ImageNet's
     layers: list[int] | None = None  # None: all blocks
     # random init only (no checkpoint): the weights are drawn from this seed, so that the maps stage can
     # rebuild the same network to recompute a few images' patch tokens
@@ -88,6 +98,9 @@ class NSDConfig:
     rois: list[str] = field(default_factory=list)
     ncsnr: str | None = None  # ncsnr.nii.gz (noise ceiling); None: no ceiling
     zscore_by: str = "run"
+    # which of the subject's images: all (those in the listed sessions) | unique (the subject's own, the
+    # 1,000 shared ones left out: the authors') | shared (only the 1,000 images every subject saw)
+    images: str = "all"
 
 
 @dataclass
@@ -117,11 +130,16 @@ class DictionaryConfig:
 @dataclass
 class AnalysisConfig:
     rsa_permutations: int = 1000
-    rsa_max_voxels: int = 1000  # RSA on a seeded random subset of voxels (the [V, V] matrices grow as V^2)
+    # RSA on a seeded random subset of voxels (the [V, V] matrices grow as V^2); null: all voxels (the
+    # authors'; memory about 40 V^2 bytes, 9 GB at 15,000 voxels)
+    rsa_max_voxels: int | None = 1000
     test_fraction: float = 0.2  # held-out images of the ridge encoding baseline
     seed: int = 0
     selectivity_latents: int = 3  # per ROI: the top latents by mean r (table, numbers and figure rows)
     selectivity_images: int = 5  # per latent: its most activating images (table and figure panels)
+    # per ROI and per layer, that layer's top latents by mean r over the ROI (the authors rank 100 per
+    # layer); 0: off (numbers.json, selectivity_per_layer.csv, a table in the report)
+    selectivity_per_layer: int = 0
 
 
 @dataclass
@@ -242,6 +260,8 @@ def _validate(c: RunConfig) -> None:
             raise RunConfigError(f"brain.kind nsd needs brain.nsd.{', brain.nsd.'.join(missing)}")
         if c.images.source != "nsd":
             raise RunConfigError("brain.kind nsd needs images.source nsd (the subject's own stimuli)")
+        if n.images not in NSD_IMAGE_SETS:
+            raise RunConfigError(f"brain.nsd.images must be {', '.join(NSD_IMAGE_SETS)}; got {n.images!r}")
     if c.brain.kind == "synthetic" and c.images.source == "nsd":
         raise RunConfigError("images.source nsd is only used with brain.kind nsd")
     if not 0 < c.analysis.test_fraction < 1:
@@ -273,7 +293,9 @@ def _at_least(value: int | float, low: int, key: str) -> None:
 def _validate_counts(c: RunConfig) -> None:
     _at_least(c.images.n_images, 1, "images.n_images")
     _at_least(c.images.batch_size, 1, "images.batch_size")
-    _at_least(c.analysis.rsa_max_voxels, 3, "analysis.rsa_max_voxels")  # RSA compares voxel pairs
+    if c.analysis.rsa_max_voxels is not None:  # None: all voxels
+        _at_least(c.analysis.rsa_max_voxels, 3, "analysis.rsa_max_voxels")  # RSA compares voxel pairs
+    _at_least(c.analysis.selectivity_per_layer, 0, "analysis.selectivity_per_layer")
     _at_least(c.analysis.rsa_permutations, 0, "analysis.rsa_permutations")
     _at_least(c.dictionary.candidates, 1, "dictionary.candidates")
 
@@ -301,7 +323,7 @@ def backbone_depth(b: BackboneConfig) -> int:
     import timm
     import torch
 
-    kwargs = {"img_size": b.img_size} if b.img_size is not None else {}
+    kwargs = {**(b.init_args or {}), **({"img_size": b.img_size} if b.img_size is not None else {})}
     try:
         with torch.device("meta"):
             vit = timm.create_model(b.name, pretrained=False, num_classes=0, **kwargs)
@@ -309,9 +331,10 @@ def backbone_depth(b: BackboneConfig) -> int:
         size = f" at img_size {b.img_size}" if b.img_size is not None else ""
         text = " ".join(str(err).split())[:200]
         raise RunConfigError(f"backbone.name {b.name!r}{size}: timm cannot build it ({text})") from None
-    if not hasattr(vit, "blocks") or not hasattr(vit, "patch_embed"):
+    if not all(hasattr(vit, a) for a in ("blocks", "patch_embed", "forward_intermediates")):
         raise RunConfigError(
-            f"backbone.name {b.name!r} is not a vision transformer (no blocks / patch_embed)"
+            f"backbone.name {b.name!r} is not a vision transformer (no blocks / patch_embed / "
+            "forward_intermediates)"
         )
     grid = getattr(vit.patch_embed, "grid_size", (1, 1))
     if b.img_size is not None and min(grid) < 1:
@@ -320,12 +343,54 @@ def backbone_depth(b: BackboneConfig) -> int:
     return len(vit.blocks)
 
 
+def check_spiking_backbone(b: BackboneConfig) -> None:
+    """What can be checked of a ``kind: spiking`` backbone without building it or reading its weights: the
+    class path imports (or the name is a spikecore model) and the checkpoint is a local file. Its layers
+    are checked when it is built, before any image."""
+    from spikecore.models import list_models
+    from spikecore.serialization import CheckpointError, local_file
+
+    from .spiking import BackboneClassError, import_class
+
+    if b.checkpoint is not None:
+        try:
+            local_file(b.checkpoint, "backbone.checkpoint")
+        except CheckpointError as err:
+            raise RunConfigError(str(err)) from None
+    if b.class_path is not None:
+        try:
+            import_class(b.class_path)
+        except BackboneClassError as err:
+            raise RunConfigError(str(err)) from None
+    elif b.name not in list_models():
+        raise RunConfigError(
+            f"backbone.name {b.name!r} is not a spikecore model (kind spiking without class_path; "
+            f"registered: {', '.join(list_models())})"
+        )
+
+
 def _validate_backbone(b: BackboneConfig) -> None:
-    depth = backbone_depth(b)
+    from .backbone import KINDS
+
+    if b.kind not in KINDS:
+        raise RunConfigError(f"backbone.kind must be one of {', '.join(KINDS)}, got {b.kind!r}")
+    if b.kind == "timm" and b.class_path is not None:
+        raise RunConfigError(
+            "backbone.class_path names a spiking model class: it needs backbone.kind spiking"
+        )
+    for key in ("mean", "std"):
+        value = getattr(b, key)
+        if value is not None and (len(value) != 3 or (key == "std" and min(value) <= 0)):
+            raise RunConfigError(f"backbone.{key} must be 3 numbers (per RGB channel; std > 0), got {value}")
+    if b.kind == "spiking":
+        check_spiking_backbone(b)
+    depth = backbone_depth(b) if b.kind == "timm" else None
     if b.layers is None:
         return
     if not b.layers:
         raise RunConfigError("backbone.layers is empty: list block indices, or null for all")
+    if depth is None:  # spiking: negative indices are refused here, the rest when the model is built
+        depth = max(max(b.layers) + 1, 0)
     bad = [lay for lay in b.layers if not 0 <= lay < depth]
     if bad:
         raise RunConfigError(

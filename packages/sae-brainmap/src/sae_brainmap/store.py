@@ -13,11 +13,13 @@ not one shard; reading maps one shard at a time.
 
 Provenance: the manifest records every setting that determines the store's content (see
 :func:`store_settings`): the layers, token set, dtype and shard size, and what made the activations, i.e.
-the backbone's name and a fingerprint of its weights (a checkpoint, or the seed of random weights, shows
-there), the images (source kind, count, seed, the files' names and sizes) and their preprocessing (input
-size, normalisation). Extracting into a folder that holds a store made with other settings is refused
-before any work, naming each setting that differs, unless ``rebuild=True`` (then that store is deleted and
-extracted again); with the same settings an interrupted store resumes and a complete one is reused.
+the backbone's name, kind and class (:meth:`~sae_brainmap.backbone.Backbone.describe`: a timm ViT's or a
+spiking model's, so a store made by one kind of backbone is never read for another) and a fingerprint of
+its weights (a checkpoint, or the seed of random weights, shows there), the images (source kind, count,
+seed, the files' names and sizes) and their preprocessing (input size, normalisation, crop). Extracting into
+a folder that holds a store made with other settings is refused before any work, naming each setting that
+differs, unless ``rebuild=True`` (then that store is deleted and extracted again); with the same settings
+an interrupted store resumes and a complete one is reused.
 """
 
 import hashlib
@@ -101,7 +103,33 @@ def describe_images(dataset: Any) -> dict:
         "size": list(dataset.size),
         "mean": list(dataset.mean),
         "std": list(dataset.std),
+        "crop_pct": dataset.crop_pct,
+        "interpolation": dataset.interpolation,
+        "crop_mode": dataset.crop_mode,
     }
+
+
+def describe_backbone(backbone) -> dict:
+    """The backbone's kind and class (its ``describe()``; a backbone without one: its type)."""
+    describe = getattr(backbone, "describe", None)
+    if describe is not None:
+        return describe()
+    return {"kind": "other", "class": f"{type(backbone).__module__}.{type(backbone).__qualname__}"}
+
+
+def layers_width(backbone, layers: Sequence[int]) -> int:
+    """The one width ``d`` of ``layers`` (a store holds ``[tokens, layers, d]``); a StoreError if the
+    layers differ (the stages of a multi-stage spiking backbone such as QKFormer)."""
+    layer_dim = getattr(backbone, "layer_dim", None)
+    if layer_dim is None:
+        return backbone.embed_dim
+    widths = {int(i): int(layer_dim(int(i))) for i in layers}
+    if len(set(widths.values())) > 1:
+        raise StoreError(
+            f"layers {sorted(widths)} of {backbone.name} have different widths {widths}: a store holds "
+            "layers of one width (and one token grid); extract each stage into its own store"
+        )
+    return next(iter(widths.values()))
 
 
 def store_settings(
@@ -114,16 +142,18 @@ def store_settings(
     provenance: Mapping | None = None,
 ) -> dict:
     """Everything that determines a store's content, as its manifest records it."""
+    layers = list(range(backbone.depth)) if layers is None else sorted(int(i) for i in layers)
     return {
         "format": FORMAT,
         "backbone": backbone.name,
-        "layers": list(range(backbone.depth)) if layers is None else sorted(int(i) for i in layers),
+        "layers": layers,
         "tokens": tokens,
         "dtype": dtype,
-        "d": backbone.embed_dim,
+        "d": layers_width(backbone, layers),
         "images_per_shard": images_per_shard,
         "n_images": len(dataset),
         "provenance": {
+            "backbone": describe_backbone(backbone),
             "backbone_weights": weights_fingerprint(backbone),
             "images": describe_images(dataset),
             "extra": dict(provenance or {}),
@@ -207,6 +237,8 @@ def extract_activations(
         raise StoreError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if tokens not in ("patch", "cls", "all"):
         raise StoreError(f"tokens must be patch, cls or all, got {tokens!r}")
+    if tokens == "cls" and getattr(backbone, "num_prefix_tokens", 1) == 0:
+        raise StoreError(f"tokens cls: {backbone.name} has no CLS token; use patch or all")
     if images_per_shard < 1 or batch_size < 1:
         raise StoreError(
             f"images_per_shard and batch_size must be at least 1, got {images_per_shard}, {batch_size}"

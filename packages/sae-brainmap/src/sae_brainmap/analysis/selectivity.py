@@ -66,9 +66,40 @@ def roi_selectivity(
     return out
 
 
-def patch_grid(backbone) -> tuple[int, int]:
-    """The (rows, columns) of a timm ViT backbone's patch tokens."""
-    return tuple(int(g) for g in backbone.vit.patch_embed.grid_size)
+def roi_selectivity_per_layer(
+    layer_acts: dict[int, torch.Tensor],
+    responses: torch.Tensor,
+    roi_of_voxel: np.ndarray,
+    rois: list[str],
+    top_latents: int = 100,
+) -> dict[str, dict[int, list[tuple[int, float]]]]:
+    """The authors' ranking: per ROI and per layer, that layer's ``top_latents`` latents by mean r over
+    the ROI's voxels (ties: the smaller latent), as ``(latent, mean r)`` pairs, best first. An ROI
+    without voxels gets ``{}``."""
+    roi_of_voxel = np.asarray(roi_of_voxel)
+    if len(roi_of_voxel) != responses.shape[1]:
+        raise ValueError(f"{len(roi_of_voxel)} ROI labels for {responses.shape[1]} voxels")
+    if top_latents < 1:
+        raise ValueError(f"top_latents must be at least 1, got {top_latents}")
+    b = _normalised(responses)
+    targets = {}
+    for roi in rois:
+        cols = np.flatnonzero(roi_of_voxel == roi)
+        if len(cols):
+            targets[roi] = b[:, torch.from_numpy(cols)].mean(1)  # [N]
+    out: dict[str, dict[int, list[tuple[int, float]]]] = {roi: {} for roi in rois}
+    for lay in sorted(layer_acts):
+        normed = _normalised(layer_acts[lay])  # one layer's normalised columns at a time
+        for roi, target in targets.items():
+            scores = (normed.T @ target).numpy()
+            order = np.argsort(-scores, kind="stable")[:top_latents]
+            out[roi][lay] = [(int(u), float(scores[u])) for u in order]
+    return out
+
+
+def patch_grid(backbone, layer: int = 0) -> tuple[int, int]:
+    """The (rows, columns) of a backbone's patch tokens at ``layer`` (a spiking QKFormer's stages differ)."""
+    return tuple(int(g) for g in backbone.patch_grid(layer))
 
 
 def latent_patch_maps(
@@ -81,34 +112,29 @@ def latent_patch_maps(
     """``{(layer, latent, image): [rows, cols]}``: each requested latent's activation over the image's
     patch grid, for ``requests`` of ``(layer, latent, image)`` (``image`` indexes ``source``).
 
-    Only the requested images go through ``backbone`` (a :class:`~sae_brainmap.ViTBackbone`), a batch at
-    a time and only up to the deepest requested layer; ``saes`` (``{layer: SAE}``) encode their patch
-    tokens and only the requested latents' columns are kept, so memory is one batch of codes."""
-    from ..images import to_model_input
-
+    Only the requested images go through ``backbone`` (a :class:`~sae_brainmap.backbone.Backbone`), a batch
+    at a time and (a ViT) only up to the deepest requested layer; ``saes`` (``{layer: SAE}``) encode their
+    patch tokens and only the requested latents' columns are kept, so memory is one batch of codes."""
     missing = sorted({lay for lay, _, _ in requests} - set(saes))
     if missing:
         raise ValueError(f"no SAE for layer(s) {missing}")
     bad = sorted({img for _, _, img in requests if not 0 <= img < len(source)})
     if bad:
         raise ValueError(f"image(s) {bad} out of range: the image source has {len(source)} images")
-    grid = patch_grid(backbone)
     images = sorted({img for _, _, img in requests})
     maps: dict[tuple[int, int, int], np.ndarray] = {}
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size]
         wanted = [r for r in requests if r[2] in batch]
         layers = sorted({lay for lay, _, _ in wanted})
-        x = torch.stack(
-            [to_model_input(source[i], backbone.img_size, backbone.mean, backbone.std) for i in batch]
-        )
+        x = torch.stack([backbone.preprocess(source[i]) for i in batch])
         streams = backbone(x, layers)
         for lay in layers:
             patch = backbone.select_tokens(streams[lay], "patch").float()
             with torch.no_grad():
                 codes = saes[lay].encode(patch.reshape(-1, patch.shape[-1])).reshape(*patch.shape[:2], -1)
             for r in (r for r in wanted if r[0] == lay):
-                maps[r] = patch_activation_map(codes[batch.index(r[2])], r[1], grid)
+                maps[r] = patch_activation_map(codes[batch.index(r[2])], r[1], patch_grid(backbone, lay))
     return maps
 
 

@@ -33,6 +33,9 @@ HDF5_SUFFIXES = (".hdf5", ".h5")
 # The HDF5 betas are read this many bytes of the mask's bounding box at a time (all of it for an ROI).
 HDF5_BLOCK_BYTES = 1 << 28
 DESIGN_FIX = "download nsd_expdesign.mat again (a MATLAB v5 .mat file, read with scipy.io.loadmat)"
+# Which of a subject's images: all of them, the subject's own (the design's 1,000 shared images left
+# out, as the authors do), or only the shared ones.
+NSD_IMAGE_SETS = ("all", "unique", "shared")
 
 
 @dataclass
@@ -59,6 +62,17 @@ class ExpDesign:
                 f"{n_trials} trials of betas but the design lists only {len(self.masterordering)} trials"
             )
         return self.subjectim[subject - 1, self.masterordering[:n_trials]]
+
+    def image_set(self, ids: np.ndarray, which: str = "all") -> np.ndarray:
+        """The bool mask over ``ids`` (NSD ids, 0-based) of those in ``which`` of :data:`NSD_IMAGE_SETS`:
+        ``all``, ``unique`` (not in ``sharedix``) or ``shared`` (in ``sharedix``)."""
+        if which not in NSD_IMAGE_SETS:
+            raise ValueError(f"which must be one of {', '.join(NSD_IMAGE_SETS)}, got {which!r}")
+        ids = np.asarray(ids)
+        if which == "all":
+            return np.ones(ids.shape, bool)
+        shared = np.isin(ids, self.sharedix)
+        return shared if which == "shared" else ~shared
 
 
 def _one_based(p: Path, name: str, values, upper: int | None = None, upper_what: str = "") -> np.ndarray:
@@ -160,13 +174,16 @@ def session_trials(path: str | Path) -> int:
 
 
 def nsd_image_ids(
-    session_files: Sequence[str | Path], design: ExpDesign | str | Path, subject: int
+    session_files: Sequence[str | Path], design: ExpDesign | str | Path, subject: int, images: str = "all"
 ) -> np.ndarray:
     """The sorted unique (0-based) NSD ids of the images shown in ``session_files``: the stimuli to read
-    from ``nsd_stimuli.hdf5``, in the order of :func:`load_nsd_betas`'s responses."""
+    from ``nsd_stimuli.hdf5``, in the order of :func:`load_nsd_betas`'s responses. ``images``: ``all``,
+    ``unique`` (the 1,000 shared images left out) or ``shared`` (only those); the responses' rows for
+    them are ``np.isin(responses.images, ids)``."""
     design = design if isinstance(design, ExpDesign) else load_expdesign(design)
     n_trials = sum(session_trials(b) for b in session_files)
-    return np.unique(design.trial_images(subject, n_trials))
+    ids = np.unique(design.trial_images(subject, n_trials))
+    return ids[design.image_set(ids, images)]
 
 
 def _bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
