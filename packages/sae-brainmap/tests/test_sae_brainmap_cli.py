@@ -35,7 +35,7 @@ def tiny_override(config: Path, tmp_path: Path, **trainer) -> Path:
             },
             **trainer,
         },
-        "model": {"backbone_kwargs": TINY, "expansion": 2, "k": 4 if cfg["model"].get("k") else None},
+        "model": {"backbone_kwargs": TINY, "n_latents": 64, "k": 4 if cfg["model"].get("k") else None},
         "data": {"class_path": cfg["data"]["class_path"], "init_args": data},
     }
     path = tmp_path / f"tiny_{config.stem}.yaml"
@@ -72,7 +72,7 @@ def test_the_papers_recipe_is_in_its_config():
     cfg = yaml.safe_load((CONFIGS / "clip_vitb16_imagenet_relu_l1.yaml").read_text())
     assert cfg["seed_everything"] == 42 and cfg["trainer"]["max_epochs"] == 5
     assert cfg["data"]["init_args"]["batch_size"] == 512 and cfg["model"]["lr"] == 5e-5
-    assert cfg["model"]["expansion"] == 16 and cfg["model"]["sae_options"]["tied"] is True
+    assert cfg["model"]["n_latents"] == 12288 and cfg["model"]["sae_options"]["tied"] is True
     assert cfg["model"]["backbone"] == "vit_base_patch16_clip_quickgelu_224"
 
 

@@ -178,11 +178,11 @@ def test_unknown_config_key_is_one_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: unknown key 'n_latent'") and "Traceback" not in err
     assert not (tmp_path / "out").exists()
-    top = _write(tmp_path / "top.yaml", {"imagez": {}})
+    top = _write(tmp_path / "top.yaml", {"imagez": {"n_images": 4}})
     with pytest.raises(RunConfigError, match="unknown key 'imagez' in section '<top>'"):
         load_run_config(top)
     wrong = _write(tmp_path / "wrong.yaml", {"sae": {"steps": "many"}})
-    with pytest.raises(RunConfigError, match=r"sae\.steps: expected int"):
+    with pytest.raises(RunConfigError, match=r"sae\.steps: Expected a <class 'int'>\. Got value: many"):
         load_run_config(wrong)
 
 

@@ -297,7 +297,7 @@ def test_algonauts_vertices_all_keeps_the_whole_challenge_space(subject, tmp_pat
         ({"rois": []}, "brain.kind algonauts needs ROIs"),
         ({"vertices": "cortex"}, "brain.algonauts.vertices must be rois or all"),
         ({"max_images": 0}, "brain.algonauts.max_images must be at least 1"),
-        ({"max_images": "ten"}, r"brain.algonauts.max_images: 'ten' is not"),
+        ({"max_images": "ten"}, r"brain.algonauts.max_images: Does not validate .*Given value: ten"),
         ({"subjectdir": "x"}, "unknown key 'subjectdir' in section 'brain.algonauts'.*allowed: subject_dir"),
     ],
 )

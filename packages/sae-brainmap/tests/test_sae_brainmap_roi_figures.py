@@ -82,6 +82,7 @@ def _contour_vertices(ax) -> np.ndarray:
 def test_roi_outline_lies_on_the_rois_flatmap_and_is_labelled(ffa):
     vox, shape, in_ffa = ffa
     fig = flatmap_figure(in_ffa.astype(float), vox, shape, "FFA outlined", rois={"FFA": in_ffa})
+    assert plt.get_fignums() == []  # a plain Figure: pyplot holds nothing, its backend is left alone
     try:
         ax = fig.axes[0]
         vertices = _contour_vertices(ax)

@@ -274,3 +274,102 @@ def test_images_in_subfolders_are_part_of_a_folders_stamp(tmp_path):
     before = _stamp(str(nested))
     _png(nested / "cats" / "0.png", 1)  # another image under the same name, in a subfolder
     assert _stamp(str(nested)) != before
+
+
+def test_run_reads_its_config_with_jsonargparse_like_every_command(tmp_path, capsys):
+    """Several --config (later wins), a shipped config by name, dotted overrides, --print_config; the
+    checks jsonargparse cannot express (k <= n_latents) still hold for an override."""
+    from sae_brainmap.run_config import parse_run_args
+
+    more = tmp_path / "more.yaml"
+    more.write_text(yaml.safe_dump({"sae": {"k": 8}, "analysis": {"rsa_permutations": 5}}))
+    config, rebuild = parse_run_args(["--config", "demo_run", "--config", str(more), "--sae.k", "16"])
+    assert config.sae.k == 16 and config.analysis.rsa_permutations == 5 and not rebuild
+    assert config.sae.n_latents == 1536 and config.out == "runs/sae-brainmap-demo/run"  # from demo_run
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--config", "demo_run", "--sae.k", "16", "--print_config"])
+    assert exc.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert (
+        printed["sae"]["k"] == 16
+        and printed["sae"]["n_latents"] == 1536
+        and printed["images"]["n_images"] == 96
+    )
+    line = _one_line_exit_2(capsys, ["run", "--config", "demo_run", "--sae.k", "5000"])
+    assert "sae.k must be in 1..sae.n_latents (1536)" in line
+    line = _one_line_exit_2(capsys, ["run", "--config", "demo_run", "--sae.n_latent", "3"])
+    assert "--sae.n_latent" in line  # no prefix matching of option names
+    assert "run config no_such_config does not exist" in _one_line_exit_2(
+        capsys, ["run", "--config", "no_such_config"]
+    )
+
+
+def test_help_lists_run_and_only_commands_that_work(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "{fit,run}" in out
+    for gone in ("test", "predict", "validate"):  # the data modules have no such split
+        with pytest.raises(SystemExit) as exc:
+            main([gone])
+        assert exc.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_fit_with_a_missing_checkpoint_is_one_line_and_exit_2(tmp_path, capsys):
+    line = _one_line_exit_2(
+        capsys, ["fit", "--config", "demo", "--ckpt_path", str(tmp_path / "missing.ckpt")]
+    )
+    assert "missing.ckpt does not exist" in line
+
+
+def test_fit_and_run_name_the_sae_the_same_way():
+    """One SAE vocabulary: the run config's sae section uses BrainMapSAE's (fit's) names for the SAE itself;
+    the rest say how `run` trains it (fit takes those from the trainer and data module)."""
+    import inspect
+
+    from sae_brainmap import BrainMapSAE
+    from sae_brainmap.run_config import SAESection
+
+    fit_names = set(inspect.signature(BrainMapSAE).parameters)
+    run_names = {f.name for f in dataclasses.fields(SAESection)}
+    assert run_names - fit_names == {"checkpoints", "steps", "batch_size", "seed"}
+    assert {"kind", "n_latents", "k", "lr"} <= run_names & fit_names
+    for name in ("demo", "clip_vitb16_imagenet_relu_l1", "clip_vitb16_imagenet_topk"):
+        cfg = yaml.safe_load((Path(__file__).parent.parent / "configs" / f"{name}.yaml").read_text())
+        assert "n_latents" in cfg["model"] and "expansion" not in cfg["model"]
+
+
+def test_a_stages_code_version_reruns_it_and_the_stages_after_it(tmp_path, monkeypatch):
+    """Each manifest hashes its stage module's VERSION: after an upgrade that bumps one stage, that stage
+    and those that read it rerun; the stages before it are kept."""
+    ran: list[str] = []
+
+    def stub(name):
+        def runner(c, root, out, log):
+            ran.append(name)
+            (out / "out.txt").write_text(name)
+            return ["out.txt"]
+
+        return runner
+
+    for name in STAGES:
+        monkeypatch.setitem(pipeline_module._RUNNERS, name, stub(name))
+    path = _config(tmp_path)
+    assert set(run_command(["--config", str(path)]).values()) == {"ran"}
+    manifest = json.loads((tmp_path / "out" / "dictionary" / "manifest.json").read_text())
+    ran.clear()
+    monkeypatch.setattr(pipeline_module.dictionary, "VERSION", pipeline_module.dictionary.VERSION + 1)
+    status = run_command(["--config", str(path)])
+    assert ran == ["dictionary", "analysis", "maps", "report"]
+    assert status == {"activations": "skipped", "brain": "skipped", "dictionary": "ran", "analysis": "ran",
+                      "maps": "ran", "report": "ran"}  # fmt: skip
+    assert (
+        json.loads((tmp_path / "out" / "dictionary" / "manifest.json").read_text())["hash"]
+        != manifest["hash"]
+    )
+    ran.clear()
+    monkeypatch.setattr(pipeline_module.report, "VERSION", pipeline_module.report.VERSION + 1)
+    run_command(["--config", str(path)])
+    assert ran == ["report"]

@@ -13,7 +13,7 @@ from .dictionary import VoxelDictionary, build_voxel_dictionary
 from .images import EmbeddedImages, FolderImages, NSDImages
 from .metrics import FiringCounter, batch_metrics
 from .module import SAEModule, SAETrainingError, StopWhenConverged, train_sae
-from .sae import KINDS, SAE, SAEConfig, default_lr, make_sae, paper_loss
+from .sae import KINDS, SAE, SAEConfig, default_lr, make_sae
 from .spiking import SpikeRateBackbone
 from .store import ActivationStore, StoreError, extract_activations
 
@@ -48,7 +48,6 @@ __all__ = [
     "extract_activations",
     "load_sae",
     "make_sae",
-    "paper_loss",
     "save_sae",
     "top_matches",
     "train_sae",

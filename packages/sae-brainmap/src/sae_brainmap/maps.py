@@ -4,8 +4,8 @@ Values of V voxels are put back into their volume (NaN elsewhere), sampled onto 
 surfaces by pycortex (S1's ``fullhead`` transform for the synthetic subject) and drawn on the flatmap with
 the curvature underneath, a title and a colorbar. pycortex's own ROI overlay needs Inkscape, so ROIs
 are outlined here instead: each ROI's voxel mask goes through the same flatmap rasterisation as the data
-and is contoured at 0.5, with its name at the centroid of its largest region. Rendering is headless
-(matplotlib's Agg backend).
+and is contoured at 0.5, with its name at the centroid of its largest region. Rendering is headless: a
+``matplotlib.figure.Figure`` on its own Agg canvas (no pyplot, no global backend or figure state).
 """
 
 from pathlib import Path
@@ -41,13 +41,10 @@ def flatmap_png(
 ) -> Path:
     """Draw ``values`` of ``voxels`` (indices into a volume of ``shape``) on ``subject``'s flatmap, with
     ``rois`` (boolean masks over ``voxels``) outlined and labelled."""
-    import matplotlib.pyplot as plt
-
     fig = flatmap_figure(values, voxels, shape, title, subject, xfm, cmap, vmin, vmax, label, rois)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
     return path
 
 
@@ -64,10 +61,11 @@ def flatmap_figure(
     label: str = "",
     rois: dict[str, np.ndarray] | None = None,
 ):
-    """The matplotlib ``Figure`` that :func:`flatmap_png` saves (close it with ``plt.close``)."""
-    import matplotlib
+    """The matplotlib ``Figure`` that :func:`flatmap_png` saves: a plain ``Figure`` with its own Agg canvas
+    (pycortex draws into its axes; nothing is registered with pyplot, so nothing needs closing)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
     cortex = _cortex(subject)
     from cortex import quickflat
 
@@ -78,10 +76,20 @@ def flatmap_figure(
     data = cortex.Volume(
         vol.transpose(2, 1, 0), subject, xfm, vmin=lo, vmax=hi, cmap=cmap
     )  # pycortex: z, y, x
-    fig = quickflat.make_figure(
-        data, with_rois=False, with_labels=False, with_colorbar=False, with_curvature=True, nanmean=True
+    fig = Figure()
+    FigureCanvasAgg(fig)
+    ax = fig.add_axes((0, 0, 1, 1))
+    quickflat.make_figure(  # given axes, pycortex uses no pyplot (with_colorbar=False)
+        data,
+        with_rois=False,
+        with_labels=False,
+        with_colorbar=False,
+        with_curvature=True,
+        nanmean=True,
+        fig=ax,
     )
-    ax = fig.axes[0]
+    imsize = ax.get_images()[0].get_size()  # what pycortex does to a figure of its own: 1 pixel per pixel
+    fig.set_size_inches(np.array(imsize)[::-1] / 100.0)
     ax.set_title(title, fontsize=12)
     image = next((im for im in ax.get_images() if im.get_cmap().name == cmap), None)
     if image is not None:

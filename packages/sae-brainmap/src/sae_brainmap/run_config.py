@@ -1,21 +1,21 @@
-"""The configuration of ``sae-brainmap run``: plain YAML read into dataclasses, one section per stage.
+"""The configuration of ``sae-brainmap run``: dataclasses, one section per stage, read by jsonargparse.
 
-Every key is checked: a key that is not a field of its section (a typo) fails with one
-:class:`RunConfigError` naming the key, the section and the keys that are allowed. So is every value that
-cannot work (an unknown SAE kind, ``k`` above ``n_latents``, a layer the backbone does not have, a count or
-batch size below 1, an unknown ROI name, fewer images than the analyses need), when the config is read:
-before any image goes through the ViT.
+jsonargparse reads the YAML (several ``--config``, dotted overrides such as ``--sae.k 16``,
+``--print_config``) and checks every key and type: a key that is not a field of its section (a typo) or a
+value of the wrong type fails with one :class:`RunConfigError` naming it. What types cannot say is
+checked here, with one RunConfigError each: every value that cannot work (an unknown SAE kind, ``k``
+above ``n_latents``, a layer the backbone does not have, a count or batch size below 1, an unknown ROI
+name, fewer images than the analyses need), when the config is read: before any image goes through the
+ViT.
 """
 
 import dataclasses
 import math
-import types
+import re
 import typing
+from argparse import ArgumentError
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import yaml
 
 from spikecore.errors import ConfigError
 
@@ -167,73 +167,107 @@ class RunConfig:
     maps: MapsConfig = field(default_factory=MapsConfig)
 
 
-def _build(cls, data: Any, where: str):
-    if data is None:
-        return cls()
-    if not isinstance(data, dict):
-        raise RunConfigError(f"section {where!r} must be a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = [k for k in data if k not in names]
+def _config_error(err: BaseException) -> RunConfigError:
+    """jsonargparse's message for a key or value it refuses, as one line."""
+    text = " ".join(str(err).split())
+    unknown = re.search(r"Group '([^']+)' does not accept option '([^']+)'", text) or re.search(
+        r"Option '()([^']+)' is not accepted", text
+    )
     if unknown:
-        raise RunConfigError(
-            f"unknown key {unknown[0]!r} in section {where!r} of the run config; allowed: {', '.join(names)}"
+        parts = [p for p in ".".join(unknown.groups()).split(".") if p]
+        depth = 0  # the longest prefix that is a section; the next part is the unknown key
+        while depth < len(parts) - 1 and _section_class(".".join(parts[: depth + 1])) is not None:
+            depth += 1
+        section, key = ".".join(parts[:depth]), parts[depth]
+        allowed = ", ".join(f.name for f in dataclasses.fields(_section_class(section)))
+        return RunConfigError(
+            f"unknown key {key!r} in section {section or '<top>'!r} of the run config; allowed: {allowed}"
         )
-    kwargs = {}
-    for key, value in data.items():
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            kwargs[key] = _build(hint, value, f"{where}.{key}" if where != "<top>" else key)
-        else:
-            kwargs[key] = _check_type(value, hint, f"{where}.{key}" if where != "<top>" else key)
-    return cls(**kwargs)
+    keyed = re.match(r'Parser key "([^"]+)": (.*)', text)
+    if keyed:
+        return RunConfigError(f"{keyed.group(1)}: {keyed.group(2)}")
+    return RunConfigError(text)
 
 
-def _check_type(value: Any, hint: Any, where: str) -> Any:
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        errors = []
-        for option in typing.get_args(hint):
-            try:
-                return _check_type(value, option, where)
-            except RunConfigError as err:
-                errors.append(str(err))
-        raise RunConfigError(f"{where}: {value!r} is not a {hint}")
-    if hint is type(None):
-        if value is None:
+def _section_class(section: str):
+    cls = RunConfig
+    for part in [p for p in section.split(".") if p]:
+        hints = typing.get_type_hints(cls)
+        if part not in hints or not dataclasses.is_dataclass(hints[part]):
             return None
-        raise RunConfigError(f"{where}: expected null, got {value!r}")
-    if origin is list:
-        if not isinstance(value, list):
-            raise RunConfigError(f"{where}: expected a list, got {value!r}")
-        (item,) = typing.get_args(hint)
-        return [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise RunConfigError(f"{where}: expected a mapping, got {value!r}")
-        kt, vt = typing.get_args(hint)
-        return {_check_type(k, kt, where): _check_type(v, vt, f"{where}.{k}") for k, v in value.items()}
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if (hint is int and isinstance(value, bool)) or not isinstance(value, hint):
-        raise RunConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
-    return value
+        cls = hints[part]
+    return cls
+
+
+def run_parser():
+    """The jsonargparse parser of ``sae-brainmap run``: ``--config`` (several, later wins; a shipped config
+    by name: ``--config demo_run``), every field of :class:`RunConfig` as a dotted option (``--sae.k 16``),
+    ``--print_config``, ``--rebuild``. Types are checked by jsonargparse; what types cannot say is checked
+    by :func:`check_config`."""
+    from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
+
+    parser = ArgumentParser(
+        prog="sae-brainmap run",
+        description="Run the SAE-BrainMap pipeline end to end (activations, SAEs, brain data, voxel "
+        "dictionary, analyses, maps, report); stages whose outputs match their inputs are skipped.",
+        exit_on_error=False,
+        allow_abbrev=False,
+    )
+    parser.add_argument("--config", action=ActionConfigFile, help="a run config (YAML), e.g. demo_run")
+    parser.add_class_arguments(RunConfig, nested_key=None, fail_untyped=True)
+    parser.add_argument(
+        "--rebuild",
+        action=ActionYesNo,
+        default=False,
+        help="run every stage again, even those whose outputs match their inputs (e.g. after replacing an "
+        "input file in a way its size and time do not show)",
+    )
+    return parser
+
+
+def _resolve_configs(args: list[str]) -> list[str]:
+    """``--config NAME`` of a config shipped with the package, as a path; a missing file is one error."""
+    from spikecore.train.cli import packaged_config
+
+    out, take_next = [], False
+    for a in args:
+        value = None
+        if take_next:
+            value, take_next = a, False
+        elif a == "--config":
+            take_next = True
+        elif a.startswith("--config="):
+            value = a.split("=", 1)[1]
+        if value is not None and not value.lstrip().startswith(("{", "[")):
+            resolved = packaged_config("sae_brainmap", value)
+            if not Path(resolved).expanduser().is_file():
+                raise RunConfigError(f"run config {value} does not exist")
+            a = resolved if a == value else f"--config={resolved}"
+        out.append(a)
+    return out
+
+
+def parse_run_args(args: list[str]) -> tuple[RunConfig, bool]:
+    """``sae-brainmap run``'s arguments: the checked :class:`RunConfig` and ``--rebuild``."""
+    parser = run_parser()
+    try:
+        ns = parser.parse_args(_resolve_configs(list(args)))
+        ns.pop("config", None)
+        rebuild = bool(ns.pop("rebuild", False))
+        ns = parser.instantiate(ns)
+    except (ArgumentError, ValueError, TypeError) as err:
+        if isinstance(err, RunConfigError):
+            raise
+        raise _config_error(err) from None
+    config = RunConfig(**{f.name: ns[f.name] for f in dataclasses.fields(RunConfig)})
+    _validate(config)
+    return config, rebuild
 
 
 def load_run_config(path: str | Path, out: str | None = None) -> RunConfig:
-    """Read and check a run config (YAML). ``out`` overrides its ``out`` folder."""
-    path = Path(path)
-    if not path.is_file():
-        raise RunConfigError(f"run config {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise RunConfigError(f"{path}: not valid YAML: {err}") from None
-    config = _build(RunConfig, data, "<top>")
-    if out is not None:
-        config.out = str(out)
-    _validate(config)
-    return config
+    """Read and check a run config (YAML; or a shipped one by name). ``out`` overrides its ``out``."""
+    args = ["--config", str(path)] + (["--out", str(out)] if out is not None else [])
+    return parse_run_args(args)[0]
 
 
 def _validate(c: RunConfig) -> None:

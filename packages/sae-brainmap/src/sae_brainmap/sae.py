@@ -216,13 +216,6 @@ class _SparseDecode(torch.autograd.Function):
         return None, grad_vals, grad_w
 
 
-def paper_loss(x: Tensor, x_hat: Tensor, z: Tensor, l1_coeff: float = 0.00086) -> Tensor:
-    """The authors' objective: mean ||x - x_hat||^2 / ||x||^2 + l1_coeff * mean ||z||_1 / ||x||_2."""
-    x_norm = x.norm(dim=-1).clamp_min(1e-8)
-    nmse = ((x - x_hat).pow(2).sum(-1) / x_norm.pow(2)).mean()
-    return nmse + l1_coeff * (z.abs().sum(-1) / x_norm).mean()
-
-
 class SAE(nn.Module):
     """One sparse autoencoder; ``kind`` picks the activation and the loss (see :data:`KINDS`)."""
 

@@ -2,8 +2,8 @@
 
 Per-vertex values of both hemispheres are drawn on nilearn's bundled fsaverage5 inflated mesh (10,242
 vertices per hemisphere, shipped inside nilearn: nothing is downloaded) over its sulcal depth, from a
-few views, with one shared colour scale, a title and optional ROI outlines. Rendering is headless
-(matplotlib's Agg backend).
+few views, with one shared colour scale, a title and optional ROI outlines. Rendering is headless: a
+``matplotlib.figure.Figure`` on its own Agg canvas (no pyplot, no global backend or figure state).
 
 Accepted lengths per hemisphere: 10,242 (fsaverage5, drawn as given) or 163,842 (the full fsaverage,
 where Algonauts 2023 and NSD's surface data live). Full-fsaverage vectors are downsampled by keeping
@@ -165,12 +165,10 @@ def fsaverage_png(
     names: lateral, medial, dorsal, ventral, anterior, posterior). ``rois``: ``{name: (lh_mask,
     rh_mask)}`` drawn as outlines with a legend. The colour range is shared by all panels: ``vmin`` /
     ``vmax``, else the data's finite min and max."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
     from matplotlib.lines import Line2D
     from nilearn import plotting
 
@@ -183,7 +181,8 @@ def fsaverage_png(
 
     size, bands = _layout(len(views), legend=bool(names))
     drawn: set[str] = set()  # ROIs with a border somewhere: the legend lists only those
-    fig = plt.figure(figsize=size)
+    fig = Figure(figsize=size)
+    FigureCanvasAgg(fig)
     grid = fig.add_gridspec(2, len(views), **bands["grid"], wspace=0, hspace=0)
     for row, hemi in enumerate(HEMIS):
         for col, view in enumerate(views):
@@ -212,5 +211,4 @@ def fsaverage_png(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi, facecolor="white")
-    plt.close(fig)
     return path
