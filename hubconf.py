@@ -4,7 +4,8 @@
     model = torch.hub.load("/path/to/checkout", "spikformer_4_384", source="local",
                            checkpoint_path="spikformer.safetensors", num_classes=10)
 
-Every model registered in ``spikecore.models`` (``spikecore.models.list_models()``) is an entry point
+Every model registered in ``spikecore.models`` (``spikecore.models.list_models()``: the backbones, and the
+models of the packages installed beside spikecore, e.g. ``tdformer_*``) is an entry point
 taking ``checkpoint_path`` (optional) and the model's constructor overrides: it is
 ``spikecore.models.create_model(name, checkpoint_path=..., **overrides)``. A checkpoint may be spikecore's
 own or a spikingjelly 2.0 Spikformer / SDT / QKFormer state dict (converted on the fly); see

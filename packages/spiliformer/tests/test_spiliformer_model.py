@@ -1,4 +1,4 @@
-"""SpiLiFormer's model: registry and parameter counts, and each equation of the spec against an
+"""SpiLiFormer's model: registry and parameter counts, and each equation of docs/spiliformer.md against an
 independent reference (hand-built inputs, or the formula recomputed with spikingjelly's LIF neuron)."""
 
 import pytest
@@ -86,12 +86,67 @@ def conv(conv: torch.nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
 # -- registry -------------------------------------------------------------------------------------------
 def test_registry_lists_the_variants_and_their_baselines():
     assert list_models() == sorted(PUBLISHED)
-    assert list_models("qkformer") == ["qkformer_hst_10_768", "qkformer_hst_2_256", "qkformer_hst_4_384"]
+    assert list_models("qkformer*") == ["qkformer_hst_10_768", "qkformer_hst_2_256", "qkformer_hst_4_384"]
+    assert list_models("*_4_384") == ["qkformer_hst_4_384", "spiliformer_4_384"]  # shell globs, as spikecore
     with pytest.raises(ValueError, match="Did you mean"):
         create_model("spiliformer_4_348")
     with pytest.raises(ValueError, match="SpiLiFormer option"):
         create_model("qkformer_hst_4_384", aug=2.0)
     assert spiliformer.__version__
+
+
+def test_spiliformers_models_are_in_spikecores_one_registry():
+    """One registry: spikecore builds spiliformer's models by name, with spiliformer's view listing the
+    same names; a fresh process needs no ``import spiliformer`` (its entry point)."""
+    import subprocess
+    import sys
+
+    from spikecore.models import create_model as spikecore_create
+    from spikecore.models import list_models as spikecore_list
+
+    assert list_models("spiliformer_*") == spikecore_list("spiliformer_*") == sorted(TINY_ARCH)
+    net = spikecore_create(
+        "spiliformer_4_384", T=4, img_size=16, backend="torch", **TINY_ARCH["spiliformer_4_384"]
+    )
+    assert isinstance(net, SpiLiFormer)
+    code = (
+        "import sys; from spikecore.models import create_model\n"
+        "m = create_model('spiliformer_4_384', img_size=16, embed_dims=(8, 16, 32), num_heads=4)\n"
+        "print(type(m).__name__, 'spiliformer' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["SpiLiFormer", "True"]  # imported by the registry, not by the caller
+
+
+def test_the_decoders_read_the_backbones_neuron_config():
+    """``neuron=NeuronConfig(...)`` reaches every LIF: the backbone's, and the feedback decoders' (which
+    read the backbone's NeuronConfig as TDFormer's processing module reads its own); the baseline with
+    lateral inhibition off keeps them."""
+    cfg = spikecore.BACKBONE_NEURON.replace(
+        tau=3.0, v_reset=None, surrogate="atan", alpha=2.0, backend="torch"
+    )
+    size = dict(TINY_ARCH["spiliformer_4_384"], img_size=16)
+    net = create_model("spiliformer_4_384", T=4, neuron=cfg, **size)
+    lifs = {n: m for n, m in net.named_modules() if isinstance(m, spikecore.LIF)}
+    assert any(n.startswith("generator.decoders") for n in lifs)
+    for n, lif in lifs.items():
+        assert lif.neuron == (cfg.replace(v_threshold=0.5) if n.endswith("attn_lif") else cfg), n
+    plain = lateral_inhibition_off(net)
+    assert {m.neuron for m in plain.modules() if isinstance(m, spikecore.LIF)} == {
+        cfg,
+        cfg.replace(v_threshold=0.5),
+    }
+    keywords = create_model(
+        "spiliformer_4_384", T=4, tau=3.0, surrogate="atan", alpha=2.0, backend="torch", **size
+    )
+    soft = [m.neuron for m in keywords.modules() if isinstance(m, spikecore.LIF)]
+    assert {n.replace(v_reset=None) for n in soft} == {cfg, cfg.replace(v_threshold=0.5)}  # hard reset there
+    kv = create_model("spiliformer_4_384", T=4, neuron=cfg, kv_diff=True, **size)
+    assert {m.neuron for m in kv.modules() if isinstance(m, spikecore.LIF)} == {
+        cfg,
+        cfg.replace(v_threshold=0.5),
+    }
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
@@ -112,7 +167,7 @@ def test_the_extra_parameters_are_the_decoders_and_prompts(name, classes):
     assert isinstance(lateral_inhibition_off(model), type(base))
 
 
-def test_the_variants_follow_the_spec():
+def test_the_variants_follow_the_papers_configurations():
     big = create_model("spiliformer_10_768")
     kinds = [type(b.attn).__name__ for b in big.backbone.blocks]
     assert kinds == ["FFLiDiffAttention"] * 3 + ["FBLiDiffAttention"] * 7
@@ -165,7 +220,7 @@ def test_ff_lidiff_masks_a_token_whose_first_half_fires_less():
 
 
 def fb_reference(attn, x: torch.Tensor, feedback: torch.Tensor | None) -> torch.Tensor:
-    """FB-LiDiff from the spec's formula, with spikingjelly's LIF and eval-mode BN."""
+    """FB-LiDiff from its formula (docs/spiliformer.md), with spikingjelly's LIF and eval-mode BN."""
     q = sj_lif(bn_eval(attn.q_bn, conv(attn.q_conv, x)))
     k = sj_lif(bn_eval(attn.k_bn, conv(attn.k_conv, x)))
     v_pre = conv(attn.v_conv, x) + (0 if feedback is None else conv(attn.v_conv, feedback))

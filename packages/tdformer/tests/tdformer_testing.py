@@ -17,8 +17,9 @@ TINY_ARCH = {
 
 
 def tiny_arch_kwargs(arch: str, img_size: int) -> dict:
+    backbone = arch.removeprefix("tdformer_")  # the model's name (or an older config's backbone name)
     for prefix, kw in TINY_ARCH.items():
-        if arch.startswith(prefix):
+        if backbone.startswith(prefix):
             return dict(kw, img_size=img_size, backend="torch")
     raise KeyError(arch)
 

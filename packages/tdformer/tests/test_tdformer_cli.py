@@ -12,6 +12,7 @@ import yaml
 from spikecore_testing import refuse_crafted_checkpoints
 from tdformer_testing import CONFIGS, tiny_override
 
+import spikecore
 from spikecore.train import last_checkpoint
 from tdformer.cli import run as main
 
@@ -74,6 +75,59 @@ def test_checkpoint_round_trip_gives_the_same_predictions(tmp_path):
         got = restored(x)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     assert not torch.equal(got, torch.zeros_like(got)) or expected.abs().sum() == 0
+
+
+def test_a_checkpoint_of_the_older_meanings_still_loads(tmp_path, capsys):
+    """A checkpoint saved when ``arch`` named the backbone and neurons were keywords (no ``neuron`` /
+    ``pm_neuron``; ``backend`` in ``arch_kwargs``, the PM's ``pm_*``) is read in today's meaning, with a
+    note, and gives the trained model's outputs."""
+    from tdformer import TDFormerClassifier
+
+    cli, config, over = _fit(tmp_path, "--trainer.max_epochs", "1", "--trainer.logger", "false")
+    ckpt = torch.load(last_checkpoint(cli.trainer), weights_only=True)
+    hp = ckpt["hyper_parameters"]
+    assert hp["arch"] == "tdformer_spikformer_4_384" and hp["neuron"] is None and hp["pm_neuron"] is None
+    hp["arch"] = "spikformer_4_384"
+    del hp["neuron"], hp["pm_neuron"]
+    old = tmp_path / "old.ckpt"
+    torch.save(ckpt, old)
+    x = torch.rand(3, 3, 16, 16)
+    with torch.no_grad():
+        want = cli.model.eval()(x)
+    capsys.readouterr()
+    pred = main(["predict", "--config", str(config), "--config", str(over), "--ckpt_path", str(old)])
+    err = capsys.readouterr().err
+    assert 'saved by an older version; its hyper-parameters read as model.arch="spikformer_4_384" -> ' in err
+    assert pred.model.hparams.arch == "tdformer_spikformer_4_384"
+    with torch.no_grad():
+        torch.testing.assert_close(pred.model.eval()(x), want, rtol=0, atol=0)
+    with pytest.warns(FutureWarning, match="names a backbone"):  # load_from_checkpoint's way: cls(**hparams)
+        direct = TDFormerClassifier(**{k: v for k, v in hp.items() if k != "_instantiator"})
+    direct.load_state_dict(ckpt["state_dict"])
+    with torch.no_grad():
+        torch.testing.assert_close(direct.eval()(x), want, rtol=0, atol=0)
+
+
+def test_neuron_sections_in_yaml(tmp_path):
+    """``neuron:`` (the backbone's) and ``pm_neuron:`` (the processing module's) nest in the config."""
+    config = CONFIGS / "cifar10_spikformer_4_384.yaml"
+    over = tiny_override(config, tmp_path)
+    arch_kwargs = {k: v for k, v in yaml.safe_load(over.read_text())["model"]["arch_kwargs"].items()}
+    arch_kwargs.pop("backend")
+    sections = tmp_path / "neurons.yaml"
+    neuron = {"tau": 3.0, "detach_reset": True, "surrogate": "atan", "backend": "torch"}
+    pm = {"tau": 1.5, "v_reset": None, "detach_reset": True}
+    sections.write_text(
+        yaml.safe_dump({"model": {"arch_kwargs": arch_kwargs, "neuron": neuron, "pm_neuron": pm}})
+    )
+    args = ["fit", "--config", str(config), "--config", str(over), "--config", str(sections)]
+    cli = main([*args, "--trainer.fast_dev_run", "1"])
+    net = cli.model.net
+    backbone = {m.neuron for m in net.backbone.modules() if isinstance(m, spikecore.LIF)}
+    cfg = spikecore.NeuronConfig(**neuron)
+    assert backbone == {cfg, cfg.replace(v_threshold=0.5)}
+    assert net.pm.neuron == spikecore.NeuronConfig(**pm, backend="torch")  # "auto": the backbone's backend
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
 
 
 def test_resume_after_interruption_continues_where_it_stopped(tmp_path):
@@ -275,6 +329,8 @@ def test_recipes_use_the_papers_learning_rates():
     for path in CONFIG_FILES:
         cfg = yaml.safe_load(path.read_text())
         arch, lr = cfg["model"]["arch"], cfg["model"]["lr"]
+        assert arch.startswith("tdformer_"), path.name  # arch names the registered model
+        arch = arch.removeprefix("tdformer_")
         if arch.startswith("sdt"):
             assert lr == 3e-4, path.name
         elif arch.startswith("spikformer"):

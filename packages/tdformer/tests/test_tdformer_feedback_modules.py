@@ -86,3 +86,34 @@ def test_pm_neurons_are_its_explicit_arguments():
         True,
     )
     assert (defaults.surrogate, defaults.alpha) == ("sigmoid", None)
+
+
+def test_pm_reads_a_neuron_config_like_every_spikecore_layer():
+    """``neuron=NeuronConfig(...)`` is both PM neurons, the same as the keyword spelling; both at once is
+    an error; the default is spikecore's BACKBONE_NEURON."""
+    cfg = spikecore.NeuronConfig(
+        tau=3.0,
+        v_threshold=0.7,
+        v_reset=None,
+        decay_input=False,
+        surrogate="atan",
+        alpha=1.5,
+        backend="torch",
+    )
+    pm = ProcessingModule(8, neuron=cfg, stateful=True)
+    keywords = ProcessingModule(  # the keyword spelling has no decay_input (the PM's default: on)
+        8,
+        tau=3.0,
+        v_threshold=0.7,
+        v_reset=None,
+        detach_reset=False,
+        surrogate="atan",
+        alpha=1.5,
+        backend="torch",
+    )
+    for lif in (pm.token_lif, pm.channel_lif):
+        assert lif.neuron == cfg and lif.stateful
+    assert keywords.neuron == cfg.replace(decay_input=True)
+    assert ProcessingModule(8).neuron == spikecore.BACKBONE_NEURON
+    with pytest.raises(TypeError, match=r"ProcessingModule\(\) got neuron= and .*tau="):
+        ProcessingModule(8, neuron=cfg, tau=2.0)

@@ -60,6 +60,54 @@ def test_registry_lists_every_backbone_and_its_feedback_version():
         create_model("spikformer_4_384", segments=2)
 
 
+def test_tdformers_models_are_in_spikecores_one_registry():
+    """One registry: spikecore builds tdformer's models by name, tdformer's view lists the same names
+    with the same (shell-glob) matching, and a fresh process needs no ``import tdformer`` (entry point)."""
+    from spikecore.models import create_model as spikecore_create
+    from spikecore.models import list_models as spikecore_list
+
+    assert list_models("tdformer_*") == spikecore_list("tdformer_*") == sorted("tdformer_" + b for b in TINY)
+    assert list_models("*sdt*") == ["sdt_2_256", "sdt_2_512", "tdformer_sdt_2_256", "tdformer_sdt_2_512"]
+    assert list_models("sdt") == []  # a pattern, not a substring
+    a = spikecore_create("tdformer_spikformer_4_384", T=4, backend="torch", **TINY["spikformer_4_384"])
+    assert isinstance(a, TDFormer) and a.segments == 2 and a.backbone.make_lif().backend == "torch"
+    code = (
+        "import sys; from spikecore.models import create_model, list_models\n"
+        "m = create_model('tdformer_spikformer_4_384', img_size=16, embed_dim=32, depth=1, num_heads=4)\n"
+        "print(type(m).__module__, 'tdformer_sdt_2_512' in list_models())"
+    )
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["tdformer.model", "True"]
+
+
+def test_arch_names_the_model_and_an_old_backbone_arch_still_builds_it():
+    """``arch`` is the registered model (``tdformer_...``); ``feedback: false`` builds the backbone it is
+    built on. A backbone name (tdformer's ``arch`` before) is read as the model, with a FutureWarning."""
+    from tdformer import TDFormerClassifier
+
+    kw = dict(T=4, arch_kwargs=dict(TINY["spikformer_4_384"], backend="torch"))
+    torch.manual_seed(0)
+    new = TDFormerClassifier(arch="tdformer_spikformer_4_384", **kw)
+    with pytest.warns(FutureWarning, match="read as arch: tdformer_spikformer_4_384"):
+        old = TDFormerClassifier(arch="spikformer_4_384", **kw)
+    assert old.hparams.arch == "tdformer_spikformer_4_384"  # what its checkpoints will say
+    assert old.net.state_dict().keys() == new.net.state_dict().keys() and isinstance(old.net, TDFormer)
+    base = TDFormerClassifier(arch="tdformer_spikformer_4_384", feedback=False, **kw)
+    assert type(base.net).__name__ == "Spikformer"
+    assert TDFormerClassifier.upgrade_hparams({"arch": "sdt_2_512", "T": 4}) == {
+        "arch": "tdformer_sdt_2_512",
+        "T": 4,
+        "neuron": None,  # options newer than the checkpoint: what rebuilds the saved model
+        "pm_neuron": None,
+    }
+    with pytest.raises(ValueError, match="arch names a TDFormer model"):
+        TDFormerClassifier(arch="spiliformer_4_384", **kw)
+
+
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_parameter_counts_match_the_paper(name):
     assert n_params(create_model(name)) == pytest.approx(PUBLISHED[name], rel=0.01)
@@ -231,9 +279,38 @@ def test_pm_neurons_come_from_arguments_not_from_the_backbone():
     )
     net = tiny("tdformer_spikformer_4_384", **pm)
     module = TDFormerClassifier(
-        arch="spikformer_4_384", T=4, arch_kwargs=dict(TINY["spikformer_4_384"]), **pm
+        arch="tdformer_spikformer_4_384", T=4, arch_kwargs=dict(TINY["spikformer_4_384"]), **pm
     )
     for lif in (net.pm.token_lif, net.pm.channel_lif, module.net.pm.token_lif, module.net.pm.channel_lif):
         assert (lif.tau, lif.v_threshold, lif.v_reset, lif.detach_reset) == (1.5, 0.5, None, False)
         assert (lif.surrogate, lif.alpha) == ("rect", 0.5)
     assert module.hparams.pm_surrogate == "rect"  # saved with the checkpoint
+
+
+def test_pm_neuron_is_one_value_read_like_the_keywords():
+    """``pm_neuron`` (a NeuronConfig; a ``pm_neuron:`` YAML section for the training module) gives the PM
+    the same neurons as the ``pm_*`` keywords; "auto" runs on the backbone's backend; both at once is an
+    error naming them."""
+    from tdformer import TDFormerClassifier
+
+    pm = dict(pm_tau=1.5, pm_v_threshold=0.5, pm_v_reset=None, pm_surrogate="rect", pm_alpha=0.5)
+    cfg = spikecore.BACKBONE_NEURON.replace(
+        tau=1.5, v_threshold=0.5, v_reset=None, surrogate="rect", alpha=0.5
+    )
+    by_keywords = tiny("tdformer_spikformer_4_384", **pm)
+    by_config = tiny("tdformer_spikformer_4_384", pm_neuron=cfg)
+    assert by_config.pm.neuron == by_keywords.pm.neuron == cfg.replace(backend="torch")  # the backbone's
+    assert tiny("tdformer_spikformer_4_384", pm_neuron=cfg.replace(backend="cpu")).pm.neuron.backend == "cpu"
+    with pytest.raises(TypeError, match=r"pm_neuron= and pm_tau="):
+        tiny("tdformer_spikformer_4_384", pm_neuron=cfg, pm_tau=2.0)
+    kw = dict(
+        arch="tdformer_spikformer_4_384", T=4, arch_kwargs=dict(TINY["spikformer_4_384"], backend="torch")
+    )
+    module = TDFormerClassifier(pm_neuron=cfg, **kw)
+    assert module.net.pm.neuron == by_config.pm.neuron
+    assert module.hparams.pm_neuron == cfg.to_dict()  # plain values in the checkpoint
+    assert TDFormerClassifier(pm_neuron=cfg.to_dict(), **kw).net.pm.neuron == by_config.pm.neuron
+    from spikecore.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model.pm_neuron and model.pm_tau both set"):
+        TDFormerClassifier(pm_neuron=cfg, pm_tau=3.0, **kw)

@@ -9,7 +9,8 @@ import spikecore.attention as A
 from spikecore.attention import functional as AF
 from spikecore.neuron.module import reset
 
-# The reference loop, and whatever `auto` picks on this machine (the numba kernel on a CPU).
+# The reference loop, and whatever `auto` picks on this machine (the C++ kernels on a CPU, or their numba
+# fallback).
 BACKENDS = ["torch", "auto"]
 
 

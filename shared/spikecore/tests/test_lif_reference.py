@@ -1,7 +1,8 @@
 """The reference loop and its backward recurrence, checked in float64.
 
-1. The spec's reverse-time recurrence (what the fused kernels implement), wrapped as the backward of a
-   smooth LIF (spike = g(H - V_th), g' = the surrogate), passes ``gradcheck`` against finite differences.
+1. The reverse-time recurrence of docs/spikecore.md (what the fused kernels implement), wrapped as the
+   backward of a smooth LIF (spike = g(H - V_th), g' = the surrogate), passes ``gradcheck`` against finite
+   differences.
 2. Autograd through the reference loop (Heaviside spike, surrogate derivative) equals that recurrence.
 """
 
@@ -30,7 +31,7 @@ def smooth_forward(x, v0, tau, soft, decay_input, spike):
 
 
 def spec_backward(x, hs, ss, vps, gs, gv, tau, soft, detach, decay_input, dsig):
-    """The reverse-time recurrence exactly as written in reference.py."""
+    """The reverse-time recurrence exactly as written in docs/spikecore.md."""
     vr = 0.0 if soft else VRESET
     carry, gx, gtau = gv, torch.empty_like(x), torch.zeros_like(gv)
     for t in reversed(range(x.shape[0])):
@@ -51,7 +52,7 @@ def spec_backward(x, hs, ss, vps, gs, gv, tau, soft, detach, decay_input, dsig):
 
 
 class SmoothLIF(torch.autograd.Function):
-    """Forward: LIF with a smooth spike g. Backward: the spec recurrence with S = g(H - V_th).
+    """Forward: LIF with a smooth spike g. Backward: that recurrence with S = g(H - V_th).
 
     A detached reset is a chosen approximation, not the derivative of any forward, so finite
     differences can only check the non-detached recurrence; the detached one is checked against

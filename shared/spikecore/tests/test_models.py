@@ -10,7 +10,15 @@ from spikingjelly.activation_based.model import spike_driven_transformer as sj_s
 from spikingjelly.activation_based.model import spikformer as sj_spikformer
 from torch import nn
 
-from spikecore.models import QKFormer, SpikeDrivenTransformer, Spikformer, create_model, list_models
+from spikecore.models import (
+    QKFormer,
+    SpikeDrivenTransformer,
+    Spikformer,
+    create_model,
+    list_models,
+    register_model,
+    registry,
+)
 from spikecore.models.convert import convert_spikingjelly_state_dict
 from spikecore.neuron.module import reset
 
@@ -53,7 +61,73 @@ def _n_params(model: nn.Module) -> int:
 
 # ---------------------------------------------------------------------------------------------------------
 def test_tiny_table_covers_registry():
-    assert sorted(TINY) == list_models()
+    own = [n for n in list_models() if _registered_by(n) == "spikecore"]
+    assert sorted(TINY) == own
+
+
+def _registered_by(name: str) -> str:
+    return registry._BUILDERS[name].__module__.split(".")[0]
+
+
+def test_packages_register_into_the_one_registry_through_entry_points():
+    """tdformer and spiliformer (installed in the workspace) add their models to spikecore's registry;
+    spikecore finds them by entry point, never by importing the packages by name."""
+    names = list_models()
+    assert {"tdformer_spikformer_4_384", "spiliformer_4_384"} <= set(names)
+    assert {_registered_by(n) for n in names} == {"spikecore", "tdformer", "spiliformer"}
+    assert list_models("tdformer_*") == [n for n in names if n.startswith("tdformer_")]  # shell globs
+    assert list_models("*_4_384") == [n for n in names if n.endswith("_4_384")]
+    assert list_models("qkformer") == []  # a pattern, not a substring
+
+
+def test_register_model_is_idempotent_and_refuses_a_second_builder(monkeypatch):
+    monkeypatch.setattr(registry, "_BUILDERS", dict(registry._BUILDERS))
+
+    def my_net(**overrides):
+        return nn.Linear(2, 2)
+
+    assert register_model(my_net) is my_net
+    assert register_model(my_net) is my_net  # a module imported twice (an import and an entry point)
+    assert register_model(name="my_other_net")(my_net) is my_net
+    assert isinstance(create_model("my_other_net"), nn.Linear)
+
+    def other(**overrides):
+        return nn.Linear(2, 2)
+
+    other.__name__ = "my_net"
+    with pytest.raises(ValueError, match="already registered"):
+        register_model(other)
+
+
+def test_entry_points_load_once_lazily_and_a_broken_one_only_warns(monkeypatch):
+    monkeypatch.setattr(registry, "_BUILDERS", dict(registry._BUILDERS))
+    monkeypatch.setattr(registry, "_entry_points_loaded", False)
+    calls = []
+
+    class EntryPoint:
+        def __init__(self, name, fn):
+            self.name, self.value, self.fn = name, f"plugin_{name}:register", fn
+
+        def load(self):
+            return self.fn
+
+    def register():
+        calls.append("ok")
+        register_model(name="plugin_net")(lambda **kw: nn.Identity())
+
+    def broken():
+        raise ImportError("no module named plugin_dependency")
+
+    found = [EntryPoint("broken", broken), EntryPoint("good", register)]
+
+    def entry_points(group):
+        return found if group == "spikecore.models" else []
+
+    monkeypatch.setattr(registry.importlib.metadata, "entry_points", entry_points)
+    with pytest.warns(RuntimeWarning, match="'broken'.*no module named plugin_dependency"):
+        model = create_model("plugin_net")  # an unknown name loads the entry points
+    assert isinstance(model, nn.Identity) and calls == ["ok"]
+    assert "plugin_net" in list_models() and calls == ["ok"]  # loaded once
 
 
 @pytest.mark.parametrize("name", sorted(TINY))

@@ -66,6 +66,16 @@ def test_wheels_carry_license_and_type_marker(wheels):
         )
 
 
+def test_packages_register_their_models_by_entry_point(wheels):
+    """tdformer's and spiliformer's wheels declare their spikecore.models entry point (spikecore's one
+    registry finds their models through it, never importing the packages by name)."""
+    for module in ("tdformer", "spiliformer"):
+        with zipfile.ZipFile(wheels[module]) as z:
+            name = next(n for n in z.namelist() if n.endswith(".dist-info/entry_points.txt"))
+            text = z.read(name).decode()
+        assert f"[spikecore.models]\n{module} = {module}.registry" in text, text
+
+
 def test_the_wheels_alone_install_and_run(wheels, tmp_path):
     """Installed from the wheels into an empty folder and imported without the workspace's editable installs
     (python -S: no .pth files): every module comes from that folder, versions are read from its metadata, the
@@ -87,6 +97,8 @@ for package in ("tdformer", "spiliformer", "sae_brainmap"):
     assert importlib.resources.files(package).joinpath("configs", "demo.yaml").is_file(), package
 from spikecore.train.cli import packaged_config
 assert packaged_config("tdformer", "demo").startswith({str(site)!r})  # --config demo finds the packaged one
+from spikecore.models import list_models  # the packages' models, found by their entry points
+assert {{"tdformer_sdt_2_512", "spiliformer_4_384"}} <= set(list_models()), list_models()
 """
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     run = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, env=env)

@@ -21,8 +21,8 @@ class KVDifferenceAttention(FBLiDiffAttention):
     have to be 2C wide); ``q_extra`` is.
     """
 
-    def __init__(self, dim: int, num_heads: int = 8, scale: float = 0.125, **neuron):
-        super().__init__(dim, num_heads, scale=scale, **neuron)
+    def __init__(self, dim: int, num_heads: int = 8, scale: float = 0.125, **options):
+        super().__init__(dim, num_heads, scale=scale, **options)
         for name in ("k", "v"):
             setattr(self, f"{name}_conv", nn.Conv1d(dim, 2 * dim, kernel_size=1, bias=False))
             setattr(self, f"{name}_bn", nn.BatchNorm1d(2 * dim))
@@ -65,5 +65,12 @@ def use_kv_difference(backbone: nn.Module) -> nn.Module:
     for block in backbone.blocks:
         attn = block.attn
         if type(attn) is FBLiDiffAttention:
-            block.attn = KVDifferenceAttention(attn.dim, attn.num_heads, scale=attn.scale, **backbone.neuron)
+            block.attn = KVDifferenceAttention(
+                attn.dim,
+                attn.num_heads,
+                scale=attn.scale,
+                neuron=attn.neuron,
+                attn_v_threshold=attn.attn_v_threshold,
+                stateful=attn.stateful,
+            )
     return backbone

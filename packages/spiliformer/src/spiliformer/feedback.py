@@ -15,13 +15,14 @@ step reinterprets the token-major ``[N, C]`` spikes of each sample and step as `
 a transpose was meant), so that feedback channel c of token n is not the decoded value of (c, n).
 """
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spikecore import LIF
+from spikecore import LIF, NeuronConfig
 
 DECODER_ORDERS = ("backward", "forward")
 
@@ -32,9 +33,12 @@ class FeedbackDecoder(nn.Module):
     Args:
         dim: C.
         bn: BatchNorm1d in the decoder (``False``: ``LIF(Linear(x))``).
-        neuron: the LIF options (the backbone's).
+        neuron: the LIF's :class:`spikecore.NeuronConfig` (the backbone's ``neuron``), read as every
+            spikecore layer and TDFormer's processing module read it; ``None``: NeuronConfig's defaults.
+            (The older form, a mapping of LIF keyword options with ``stateful`` among them, still works.)
         bn_first: ``LIF(Linear(BN(x)))`` instead (the CIFAR-100 code).
         authors_reshape: the authors' final reshape (see the module docstring); off by default.
+        stateful: the LIF's state (the backbone's ``stateful``).
 
     The Linear weight is initialised trunc-normal(std 0.02), as the reference code's ``_init_weights``.
     """
@@ -43,9 +47,11 @@ class FeedbackDecoder(nn.Module):
         self,
         dim: int,
         bn: bool = True,
-        neuron: dict[str, Any] | None = None,
+        neuron: NeuronConfig | Mapping[str, Any] | None = None,
         bn_first: bool = False,
         authors_reshape: bool = False,
+        *,
+        stateful: bool = False,
     ):
         super().__init__()
         if bn_first and not bn:
@@ -55,7 +61,11 @@ class FeedbackDecoder(nn.Module):
         self.bn = nn.BatchNorm1d(dim) if bn else None
         self.bn_first = bn_first
         self.authors_reshape = authors_reshape
-        self.lif = LIF(v_threshold=1.0, v_reset=0.0, **(neuron or {}))
+        if isinstance(neuron, Mapping):  # the older form: LIF keyword options
+            options = dict(neuron)
+            stateful = bool(options.pop("stateful", stateful))
+            neuron = NeuronConfig.coerce(options)
+        self.lif = LIF(neuron=neuron or NeuronConfig(), stateful=stateful)
 
     def _bn(self, y: torch.Tensor) -> torch.Tensor:
         T, B, C, N = y.shape
@@ -85,9 +95,10 @@ class FeedbackGenerator(nn.Module):
         aug: the factor on the masked difference.
         order: ``"backward"`` or ``"forward"`` decoder chain.
         decoder_bn: BatchNorm in the decoders (the CIFAR10-DVS code has none).
-        neuron: LIF options of the decoders (the backbone's).
+        neuron: the decoders' NeuronConfig (the backbone's).
         decoder_bn_first: ``BN -> Linear -> LIF`` decoders (the CIFAR-100 code).
         authors_reshape: the authors' decoder reshape (see the module docstring).
+        stateful: the decoders' LIF state (the backbone's).
     """
 
     def __init__(
@@ -97,9 +108,11 @@ class FeedbackGenerator(nn.Module):
         aug: float = 1.0,
         order: str = "backward",
         decoder_bn: bool = True,
-        neuron: dict[str, Any] | None = None,
+        neuron: NeuronConfig | Mapping[str, Any] | None = None,
         decoder_bn_first: bool = False,
         authors_reshape: bool = False,
+        *,
+        stateful: bool = False,
     ):
         super().__init__()
         if order not in DECODER_ORDERS:
@@ -110,7 +123,7 @@ class FeedbackGenerator(nn.Module):
         self.order = order
         self.prompts = nn.Parameter(torch.randn(2, dim))
         self.decoders = nn.ModuleList(
-            FeedbackDecoder(dim, decoder_bn, neuron, decoder_bn_first, authors_reshape)
+            FeedbackDecoder(dim, decoder_bn, neuron, decoder_bn_first, authors_reshape, stateful=stateful)
             for _ in range(n_blocks)
         )
 

@@ -80,6 +80,7 @@ class SpiLiFormer(nn.Module):
             backbone.neuron,
             decoder_bn_first=decoder_bn_first,
             authors_reshape=authors_compat and decoder_order == "backward" and not decoder_bn_first,
+            stateful=backbone.stateful,
         )
         if authors_compat:
             for i in fb_blocks:
@@ -130,28 +131,18 @@ class TimeBatchLIF(LIF):
     def like(cls, lif: LIF) -> "TimeBatchLIF":
         if lif.w is not None:
             raise ValueError("authors_compat takes a LIF with a fixed tau")
-        return cls(
-            tau=lif.tau,
-            v_threshold=lif.v_threshold,
-            v_reset=lif.v_reset,
-            decay_input=lif.decay_input,
-            detach_reset=lif.detach_reset,
-            surrogate=lif.surrogate,
-            alpha=lif.alpha,
-            backend=lif.backend,
-            stateful=lif.stateful,
-            store_v_seq=lif.store_v_seq,
-        )
+        return cls(neuron=lif.neuron, stateful=lif.stateful, store_v_seq=lif.store_v_seq)
 
     def forward(self, x: torch.Tensor, v_init: torch.Tensor | None = None) -> torch.Tensor:
         T, B = x.shape[:2]
         return super().forward(x.reshape(T * B, 1, *x.shape[2:]), v_init).reshape(x.shape)
 
 
-def _plain(attn: nn.Module, neuron: dict) -> nn.Module:
-    """The attention without lateral inhibition, holding ``attn``'s weights."""
+def _plain(attn: nn.Module) -> nn.Module:
+    """The attention without lateral inhibition, holding ``attn``'s weights (and its neuron)."""
     if isinstance(attn, KVDifferenceAttention):
         raise ValueError("the DVS K^T V difference (kv_diff) has no plain-SSA form with the same weights")
+    neuron = dict(neuron=attn.neuron, attn_v_threshold=attn.attn_v_threshold, stateful=attn.stateful)
     if isinstance(attn, FBLiDiffAttention):
         plain = SpikingSelfAttention(attn.dim, attn.num_heads, scale=attn.scale, order="kv_first", **neuron)
     elif isinstance(attn, FFLiDiffAttention):
@@ -167,5 +158,5 @@ def lateral_inhibition_off(model: SpiLiFormer) -> nn.Module:
     weights: the baseline the analysis compares against."""
     base = copy.deepcopy(model.backbone)
     for block in base.blocks:
-        block.attn = _plain(block.attn, base.neuron)
+        block.attn = _plain(block.attn)
     return base

@@ -1,7 +1,8 @@
 """``SpiLiFormerClassifier``: spikecore's SpikingClassifier recipe with SpiLiFormer's two-pass loss.
 
-``arch`` names a SpiLiFormer variant (``spiliformer_4_384``, ``spiliformer_2_256_dvs``,
-``spiliformer_10_768``) and ``lateral_inhibition`` is the one switch between SpiLiFormer and its baseline,
+``arch`` names the registered SpiLiFormer model (``spiliformer_4_384``, ``spiliformer_2_256_dvs``,
+``spiliformer_10_768``: ``spiliformer.list_models("spiliformer_*")``), as ``arch`` names the registered
+model in every package, and ``lateral_inhibition`` is the one switch between SpiLiFormer and its baseline,
 everything else equal:
 
 - ``lateral_inhibition: true``: FF-LiDiff / FB-LiDiff attention, the feedback generator (``aug``,
@@ -57,10 +58,10 @@ def _check_beta(beta: Any) -> None:
 
 class SpiLiFormerClassifier(SpikingClassifier):
     """Train / evaluate SpiLiFormer or its QKFormer baseline. See the module docstring; the remaining
-    arguments are SpikingClassifier's (``arch``, ``num_classes``, ``T``, ``arch_kwargs`` for the backbone,
-    the recipe).
+    arguments are SpikingClassifier's (``num_classes``, ``T``, ``arch_kwargs`` for the backbone, the recipe).
 
     Args:
+        arch: the registered SpiLiFormer model (a key of :data:`~spiliformer.registry.VARIANTS`).
         lateral_inhibition: SpiLiFormer (True) or the plain QKFormer baseline (False).
         beta: weight of the second pass in the loss (0.8 CIFAR, 0.5 ImageNet and N-Caltech101), or a
             linear ramp ``{"start": 0.5, "end": 0.8}`` over the epochs (CIFAR10-DVS); see :func:`beta_at`.
@@ -78,6 +79,7 @@ class SpiLiFormerClassifier(SpikingClassifier):
 
     def __init__(
         self,
+        arch: str = "spiliformer_4_384",
         lateral_inhibition: bool = True,
         beta: float | BetaRamp = 0.8,
         aug: float = 1.0,
@@ -89,13 +91,13 @@ class SpiLiFormerClassifier(SpikingClassifier):
         **kwargs: Any,
     ):
         _check_beta(beta)
-        super().__init__(**kwargs)
+        super().__init__(arch=arch, **kwargs)
 
     def build_network(self, arch: str, **kwargs: Any) -> nn.Module:
         if arch not in VARIANTS:
             raise ValueError(
-                f"arch names a SpiLiFormer variant ({', '.join(VARIANTS)}); lateral_inhibition: false "
-                f"gives its QKFormer baseline, got {arch!r}"
+                f"arch names a SpiLiFormer model ({', '.join(VARIANTS)}); lateral_inhibition: false "
+                f"gives the QKFormer baseline it is built on, got {arch!r}"
             )
         hp = self.hparams
         if not hp.lateral_inhibition:

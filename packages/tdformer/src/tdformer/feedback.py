@@ -15,7 +15,8 @@ paper's parameter counts say. Segment 1 has no feedback: its S_td half is zeros,
 import torch
 from torch import nn
 
-from spikecore import LIF
+from spikecore import BACKBONE_NEURON, LIF, NeuronConfig
+from spikecore.neuron.config import UNSET, neuron_from
 
 CONTROLS = {"cm1": "k_extra", "cm2": "v_extra", "cm3": "x_extra"}
 CHANNEL_MIXERS = ("depthwise", "dense", "none")
@@ -48,9 +49,11 @@ class ProcessingModule(nn.Module):
     a = 2 by default, so a token at full mixer response fires in one step). ``W`` starts at ``4 / D``: M
     reaches 1 when a quarter of a token's channels are active.
 
-    Neurons: both LIFs (token and channel mixer) take the explicit options ``tau``, ``v_threshold``,
-    ``v_reset`` (``None``: soft reset), ``detach_reset``, ``surrogate``, ``alpha``, ``backend`` and
-    ``stateful``. The defaults are the backbones' neuron as the paper gives it (tau 2, V_th 1, hard reset
+    Neurons: both LIFs (token and channel mixer) are ``neuron``, a :class:`spikecore.NeuronConfig`, read as
+    every spikecore layer and SpiLiFormer's decoders read it (the older keyword options ``tau``,
+    ``v_threshold``, ``v_reset`` (``None``: soft reset), ``detach_reset``, ``surrogate``, ``alpha``,
+    ``backend`` still set its fields instead), and ``stateful``. The default is
+    :data:`spikecore.BACKBONE_NEURON`, the backbones' neuron as the paper gives it (tau 2, V_th 1, hard reset
     to 0, detached reset, sigmoid surrogate with alpha 4):
 
         H[t] = V[t-1] + (I[t] - (V[t-1] - V_reset)) / tau,   S[t] = Theta(H[t] - V_th),
@@ -70,17 +73,18 @@ class ProcessingModule(nn.Module):
         clamp_max: float = 2.0,
         channel_mixer: str = "depthwise",
         *,
-        tau: float = 2.0,
-        v_threshold: float = 1.0,
-        v_reset: float | None = 0.0,
-        detach_reset: bool = True,
-        surrogate: str = "sigmoid",
-        alpha: float | None = None,
-        backend: str = "auto",
+        neuron: NeuronConfig | None = None,
+        tau: float = UNSET,
+        v_threshold: float = UNSET,
+        v_reset: float | None = UNSET,
+        detach_reset: bool = UNSET,
+        surrogate: str = UNSET,
+        alpha: float | None = UNSET,
+        backend: str = UNSET,
         stateful: bool = False,
     ):
         super().__init__()
-        neuron = dict(
+        loose = dict(
             tau=tau,
             v_threshold=v_threshold,
             v_reset=v_reset,
@@ -88,8 +92,8 @@ class ProcessingModule(nn.Module):
             surrogate=surrogate,
             alpha=alpha,
             backend=backend,
-            stateful=stateful,
         )
+        self.neuron = neuron_from(neuron, loose, BACKBONE_NEURON, "ProcessingModule()")
         if channel_mixer not in CHANNEL_MIXERS:
             raise ValueError(
                 f"channel_mixer must be one of {', '.join(CHANNEL_MIXERS)}, got {channel_mixer!r}"
@@ -98,13 +102,13 @@ class ProcessingModule(nn.Module):
             raise ValueError(f"PM clamp needs clamp_max > clamp_min, got ({clamp_min}, {clamp_max})")
         self.clamp_min, self.clamp_max = clamp_min, clamp_max
         self.token_weight = nn.Parameter(torch.full((dim,), 4.0 / dim))
-        self.token_lif = LIF(**neuron)
+        self.token_lif = LIF(neuron=self.neuron, stateful=stateful)
         self.channel_mixer = channel_mixer
         if channel_mixer != "none":
             groups = dim if channel_mixer == "depthwise" else 1
             self.channel_conv = nn.Conv1d(dim, dim, kernel_size=1, groups=groups, bias=False)
             self.channel_bn = nn.BatchNorm1d(dim)
-            self.channel_lif = LIF(**neuron)
+            self.channel_lif = LIF(neuron=self.neuron, stateful=stateful)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``[T', B, D, N]`` (spikes or real-valued block output) -> ``[T', B, D, N]`` spikes."""

@@ -11,13 +11,15 @@ inference uses the last segment's output. Stochastic depth (the backbone's ``dro
 sample's branch in every segment alike: the segments are one sequence.
 """
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
 import spikecore
+from spikecore import BACKBONE_NEURON, NeuronConfig
 from spikecore.models import hold_drop_path_masks
+from spikecore.neuron.config import UNSET, neuron_from
 
 from .feedback import ControlModule, ProcessingModule
 
@@ -34,12 +36,15 @@ class TDFormer(nn.Module):
         feedback_blocks: indices of the blocks that receive feedback (default: the backbone's last stage).
         pm_clamp: (b, a) of the PM token mixer's clamp.
         pm_channel_mixer: ``"depthwise"`` (default), ``"dense"`` or ``"none"`` (see ProcessingModule).
-        pm_tau, pm_v_threshold, pm_v_reset, pm_detach_reset, pm_surrogate, pm_alpha: the PM's neurons
-            (both of its LIFs), explicit rather than taken from the backbone; the defaults are the paper's
-            neuron for every backbone (tau 2, V_th 1, hard reset to 0, detached reset, sigmoid with alpha
-            4). ``pm_v_reset=None`` is a soft reset. The PM's neurons run on the backbone's kernel
-            ``backend`` (where they compute, not how they behave) and carry their membrane from one
-            segment's PM call to the next, reset with the model at every new input.
+        pm_neuron: the PM's neuron (both of its LIFs), a :class:`spikecore.NeuronConfig`, explicit rather
+            than taken from the backbone; default :data:`spikecore.BACKBONE_NEURON`, the paper's neuron for
+            every backbone (tau 2, V_th 1, hard reset to 0, detached reset, sigmoid with alpha 4). Its
+            ``backend`` "auto" (the default) means the backbone's kernel backend (where the PM computes,
+            not how it behaves). The PM's neurons carry their membrane from one segment's PM call to the
+            next, reset with the model at every new input.
+        pm_tau, pm_v_threshold, pm_v_reset, pm_detach_reset, pm_surrogate, pm_alpha: the older spelling of
+            ``pm_neuron``'s fields (``pm_v_reset=None``: soft reset), still accepted instead of it (not
+            with it: a ``TypeError``).
         carry_state: carry neuron state across segments (default) or reset it at each segment.
     """
 
@@ -53,12 +58,13 @@ class TDFormer(nn.Module):
         pm_clamp: tuple[float, float] = (0.0, 2.0),
         pm_channel_mixer: str = "depthwise",
         carry_state: bool = True,
-        pm_tau: float = 2.0,
-        pm_v_threshold: float = 1.0,
-        pm_v_reset: float | None = 0.0,
-        pm_detach_reset: bool = True,
-        pm_surrogate: str = "sigmoid",
-        pm_alpha: float | None = None,
+        pm_tau: float = UNSET,
+        pm_v_threshold: float = UNSET,
+        pm_v_reset: float | None = UNSET,
+        pm_detach_reset: bool = UNSET,
+        pm_surrogate: str = UNSET,
+        pm_alpha: float | None = UNSET,
+        pm_neuron: NeuronConfig | None = None,
     ):
         super().__init__()
         if segments < 1:
@@ -80,19 +86,24 @@ class TDFormer(nn.Module):
                 )
         self.feedback_blocks = [i % n_blocks for i in blocks]
         self.control = nn.ModuleDict({str(i): ControlModule(dim, control) for i in self.feedback_blocks})
-        self.pm = ProcessingModule(
-            dim,
-            *pm_clamp,
-            channel_mixer=pm_channel_mixer,
+        loose = dict(
             tau=pm_tau,
             v_threshold=pm_v_threshold,
             v_reset=pm_v_reset,
             detach_reset=pm_detach_reset,
             surrogate=pm_surrogate,
             alpha=pm_alpha,
-            backend=getattr(backbone, "neuron", {}).get("backend", "auto"),
-            stateful=True,
         )
+        given = sorted(f"pm_{k}=" for k, v in loose.items() if v is not UNSET)
+        if pm_neuron is not None and given:
+            raise TypeError(
+                f"TDFormer() got pm_neuron= and {', '.join(given)}: give the PM's neuron one way, inside "
+                "pm_neuron=NeuronConfig(...) or as the pm_* keywords alone"
+            )
+        pm = neuron_from(pm_neuron, loose, BACKBONE_NEURON, "TDFormer()")
+        if pm.backend == "auto":
+            pm = pm.replace(backend=_backend_of(backbone))
+        self.pm = ProcessingModule(dim, *pm_clamp, channel_mixer=pm_channel_mixer, neuron=pm, stateful=True)
 
     @property
     def T(self) -> int:
@@ -126,6 +137,14 @@ class TDFormer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Inference: the last segment's logits."""
         return self.forward_segments(x)[-1]
+
+
+def _backend_of(backbone: nn.Module) -> str:
+    """The backbone's kernel backend (a spikecore backbone's ``neuron``; "auto" for anything else)."""
+    neuron = getattr(backbone, "neuron", None)
+    if isinstance(neuron, NeuronConfig):
+        return neuron.backend
+    return neuron.get("backend", "auto") if isinstance(neuron, Mapping) else "auto"
 
 
 def tokens_last(h: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""spikecore: fused multi-step LIF neurons and spiking attention primitives shared by the packages."""
+"""spikecore: fused multi-step LIF neurons (settings as one ``NeuronConfig``) and spiking attention primitives
+shared by the packages."""
 
 import importlib.metadata
 
@@ -11,18 +12,30 @@ from .attention import (
     SpikingSelfAttention,
     TokenQKAttention,
 )
-from .neuron import BACKENDS, LIF, SURROGATES, heaviside, lif_multi_step, lif_reference, reset
+from .neuron import (
+    BACKBONE_NEURON,
+    BACKENDS,
+    LIF,
+    SURROGATES,
+    NeuronConfig,
+    heaviside,
+    lif_multi_step,
+    lif_reference,
+    reset,
+)
 from .similarity import topk_similarity
 
 __version__ = importlib.metadata.version("spikecore")  # one source: pyproject.toml
 
 __all__ = [
+    "BACKBONE_NEURON",
     "BACKENDS",
     "LIF",
     "SURROGATES",
     "ChannelQKAttention",
     "FBLiDiffAttention",
     "FFLiDiffAttention",
+    "NeuronConfig",
     "SpikeDrivenSelfAttention",
     "SpikingSelfAttention",
     "TokenQKAttention",

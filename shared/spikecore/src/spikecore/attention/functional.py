@@ -11,21 +11,29 @@ Conventions shared by every function here:
   concatenated back on channels: for SSA / FB-LiDiff the attention LIF's spikes; for SDSA, QKTA, QKCA and
   FF-LiDiff the product of a spiking mask with a spike tensor (binary when the inputs are binary). None of
   them applies the output projection (Conv1d-BN-LIF), which belongs to the modules.
-* The attention neuron is ``spikecore.lif_multi_step`` with the keyword options below, or, when
-  ``neuron`` is given, that callable (e.g. a :class:`spikecore.LIF` module, so that a stateful neuron can
-  carry its membrane across TDFormer segments). ``backend`` is passed through to ``lif_multi_step``.
+* The attention neuron is ``neuron``: a :class:`spikecore.NeuronConfig` run by
+  ``spikecore.lif_multi_step`` (default :data:`ATTENTION_NEURON`: V_th 0.5, tau 2, hard reset to 0,
+  detached reset, sigmoid surrogate), or a callable (e.g. a :class:`spikecore.LIF` module, so that a
+  stateful neuron can carry its membrane across TDFormer segments). The older keyword options (``tau``,
+  ``v_threshold``, ``detach_reset``, ``surrogate``, ``alpha``, ``backend``; ``v_reset`` for SDSA) are still
+  accepted and set those fields over the default; with a NeuronConfig they are a ``TypeError`` (the
+  settings given twice), with a callable they are not used (the callable is the neuron).
 """
 
 import importlib.util
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 
+from ..neuron.config import ATTENTION_NEURON, UNSET, NeuronConfig, neuron_from
 from ..neuron.ops import _FUSED_DTYPES, BACKENDS, lif_multi_step
 from ..neuron.surrogate import resolve
 
-__all__ = ["fb_lidiff", "ff_lidiff", "qkca", "qkta", "sdsa", "split_heads", "ssa"]
+Neuron = NeuronConfig | Callable[[torch.Tensor], torch.Tensor]
+
+__all__ = ["ATTENTION_NEURON", "fb_lidiff", "ff_lidiff", "qkca", "qkta", "sdsa", "split_heads", "ssa"]
 
 SSA_ORDERS = ("auto", "qk_first", "kv_first")
 
@@ -53,20 +61,21 @@ def _check_same(name: str, a: torch.Tensor, ref: torch.Tensor) -> None:
         )
 
 
-def _attn_lif(x, neuron, tau, v_threshold, detach_reset, surrogate, alpha, backend, v_reset=0.0):
-    """The attention neuron: ``neuron(x)`` if given, else ``lif_multi_step`` with these options."""
-    if neuron is not None:
-        return neuron(x)
-    return lif_multi_step(
-        x,
-        tau=tau,
-        v_threshold=v_threshold,
-        v_reset=v_reset,
-        detach_reset=detach_reset,
-        surrogate=surrogate,
-        alpha=alpha,
-        backend=backend,
-    )[0]
+def _attention_neuron(neuron: Any, loose: dict[str, Any], where: str) -> Neuron:
+    """The attention neuron: a callable as it is (the keyword options unused), else one NeuronConfig from
+    ``neuron`` or the keyword options over :data:`ATTENTION_NEURON` (both: a ``TypeError``)."""
+    if neuron is not None and not isinstance(neuron, NeuronConfig | Mapping):
+        if not callable(neuron):
+            raise TypeError(f"{where}: neuron must be a NeuronConfig or a callable, got {neuron!r}")
+        return neuron
+    return neuron_from(neuron, loose, ATTENTION_NEURON, where)
+
+
+def _attn_lif(x: torch.Tensor, neuron: Neuron) -> torch.Tensor:
+    """``neuron(x)`` for a callable, else ``lif_multi_step`` with the NeuronConfig's settings."""
+    if isinstance(neuron, NeuronConfig):
+        return lif_multi_step(x, neuron=neuron)[0]
+    return neuron(x)
 
 
 def ssa(
@@ -77,13 +86,13 @@ def ssa(
     scale: float = 0.125,
     order: str = "auto",
     *,
-    tau: float = 2.0,
-    v_threshold: float = 0.5,
-    detach_reset: bool = True,
-    surrogate: str = "sigmoid",
-    alpha: float | None = None,
-    backend: str = "auto",
-    neuron: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    neuron: Neuron | None = None,
+    tau: float = UNSET,
+    v_threshold: float = UNSET,
+    detach_reset: bool = UNSET,
+    surrogate: str = UNSET,
+    alpha: float | None = UNSET,
+    backend: str = UNSET,
 ) -> torch.Tensor:
     """Spikformer's spiking self-attention: ``Y = LIF_0.5(Q K^T V * scale)`` per head, no softmax.
 
@@ -96,6 +105,15 @@ def ssa(
     """
     if order not in SSA_ORDERS:
         raise ValueError(f"order must be one of {SSA_ORDERS}, got {order!r}")
+    loose = dict(
+        tau=tau,
+        v_threshold=v_threshold,
+        detach_reset=detach_reset,
+        surrogate=surrogate,
+        alpha=alpha,
+        backend=backend,
+    )
+    neuron = _attention_neuron(neuron, loose, "ssa()")
     _check_same("k", k, q)
     _check_same("v", v, q)
     qh, kh, vh = split_heads(q, heads), split_heads(k, heads), split_heads(v, heads)  # [T, B, H, d, N]
@@ -108,7 +126,7 @@ def ssa(
     else:
         y = (vh @ kh.transpose(-2, -1)) @ qh  # [d, d] map
     y = _merge_heads(y) * scale
-    return _attn_lif(y, neuron, tau, v_threshold, detach_reset, surrogate, alpha, backend)
+    return _attn_lif(y, neuron)
 
 
 def fb_lidiff(
@@ -134,14 +152,14 @@ def sdsa(
     v: torch.Tensor,
     heads: int = 1,
     *,
-    tau: float = 2.0,
-    v_threshold: float = 0.5,
-    detach_reset: bool = True,
-    surrogate: str = "sigmoid",
-    alpha: float | None = None,
-    backend: str = "auto",
-    neuron: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    v_reset: float | None = 0.0,
+    neuron: Neuron | None = None,
+    tau: float = UNSET,
+    v_threshold: float = UNSET,
+    detach_reset: bool = UNSET,
+    surrogate: str = UNSET,
+    alpha: float | None = UNSET,
+    backend: str = UNSET,
+    v_reset: float | None = UNSET,
 ) -> torch.Tensor:
     """Spike-driven self-attention (SDT v1): ``KV = LIF_0.5(sum_tokens K * V)`` per channel; ``Y = Q * KV``.
 
@@ -149,34 +167,42 @@ def sdsa(
     per channel, so ``heads`` does not change the result; it is only checked to divide ``C``. Returns
     ``Q * KV`` ``[T, B, C, N]`` (post-LIF). ``v_reset`` is the attention LIF's reset (``None``: soft).
 
-    Without a custom ``neuron``, ``backend="triton"`` (or ``"auto"`` on CUDA tensors of one dtype among
-    float32 / float16 / bfloat16) runs the fused Triton kernel (``spikecore.attention._triton``): the
-    ``K * V`` reduction, the LIF over T and ``Q * KV`` in one launch, without the full-size ``K * V``
-    temporary; one launch for the backward too. A ``neuron`` callable always takes the PyTorch path.
+    With a NeuronConfig neuron (``decay_input`` on), ``backend="triton"`` (or ``"auto"`` on CUDA tensors of
+    one dtype among float32 / float16 / bfloat16) runs the fused Triton kernel
+    (``spikecore.attention._triton``): the ``K * V`` reduction, the LIF over T and ``Q * KV`` in one
+    launch, without the full-size ``K * V`` temporary; one launch for the backward too. A callable
+    ``neuron`` always takes the PyTorch path.
     """
+    loose = dict(
+        tau=tau,
+        v_threshold=v_threshold,
+        v_reset=v_reset,
+        detach_reset=detach_reset,
+        surrogate=surrogate,
+        alpha=alpha,
+        backend=backend,
+    )
+    neuron = _attention_neuron(neuron, loose, "sdsa()")
     _check_same("k", k, q)
     _check_same("v", v, q)
     split_heads(q, heads)
-    if neuron is None and _use_fused_sdsa(q, k, v, backend):
+    if isinstance(neuron, NeuronConfig) and neuron.decay_input and _use_fused_sdsa(q, k, v, neuron.backend):
         from . import _triton
 
-        surr, alpha = resolve(surrogate, alpha)
-        if not float(tau) > 0:
-            raise ValueError(f"tau must be positive, got {tau}")
+        surr, alpha = resolve(neuron.surrogate, neuron.alpha)
         return _triton.sdsa_fused(
             q,
             k,
             v,
-            tau=float(tau),
-            v_threshold=float(v_threshold),
-            v_reset=v_reset,
-            detach_reset=detach_reset,
+            tau=neuron.tau,
+            v_threshold=neuron.v_threshold,
+            v_reset=neuron.v_reset,
+            detach_reset=neuron.detach_reset,
             surrogate_id=surr.id,
             alpha=alpha,
         )
     kv = (k * v).sum(dim=-1, keepdim=True)
-    kv = _attn_lif(kv, neuron, tau, v_threshold, detach_reset, surrogate, alpha, backend, v_reset)
-    return q * kv
+    return q * _attn_lif(kv, neuron)
 
 
 def _use_fused_sdsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> bool:
@@ -213,23 +239,31 @@ def qkta(
     k: torch.Tensor,
     heads: int,
     *,
-    tau: float = 2.0,
-    v_threshold: float = 0.5,
-    detach_reset: bool = True,
-    surrogate: str = "sigmoid",
-    alpha: float | None = None,
-    backend: str = "auto",
-    neuron: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    neuron: Neuron | None = None,
+    tau: float = UNSET,
+    v_threshold: float = UNSET,
+    detach_reset: bool = UNSET,
+    surrogate: str = UNSET,
+    alpha: float | None = UNSET,
+    backend: str = UNSET,
 ) -> torch.Tensor:
     """QKFormer token attention: ``A = LIF_0.5(sum over the head's d channels of Q)``; ``Y = A * K``.
 
     ``A`` is a token mask ``[T, B, heads, 1, N]`` broadcast over the head's channels. Returns ``Y``
     ``[T, B, C, N]`` (post-LIF), heads concatenated on channels.
     """
+    loose = dict(
+        tau=tau,
+        v_threshold=v_threshold,
+        detach_reset=detach_reset,
+        surrogate=surrogate,
+        alpha=alpha,
+        backend=backend,
+    )
+    neuron = _attention_neuron(neuron, loose, "qkta()")
     _check_same("k", k, q)
     qh, kh = split_heads(q, heads), split_heads(k, heads)
-    opts = (neuron, tau, v_threshold, detach_reset, surrogate, alpha, backend)
-    a = _attn_lif(qh.sum(dim=3, keepdim=True), *opts)
+    a = _attn_lif(qh.sum(dim=3, keepdim=True), neuron)
     return _merge_heads(a * kh)
 
 
@@ -237,22 +271,30 @@ def qkca(
     q: torch.Tensor,
     k: torch.Tensor,
     *,
-    tau: float = 2.0,
-    v_threshold: float = 0.5,
-    detach_reset: bool = True,
-    surrogate: str = "sigmoid",
-    alpha: float | None = None,
-    backend: str = "auto",
-    neuron: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    neuron: Neuron | None = None,
+    tau: float = UNSET,
+    v_threshold: float = UNSET,
+    detach_reset: bool = UNSET,
+    surrogate: str = UNSET,
+    alpha: float | None = UNSET,
+    backend: str = UNSET,
 ) -> torch.Tensor:
     """QKFormer channel attention: ``A = LIF_0.5(sum over tokens of Q)`` ``[T, B, C, 1]``; ``Y = A * K``.
 
     Per channel, so heads play no role. Returns ``Y`` ``[T, B, C, N]`` (post-LIF).
     """
+    loose = dict(
+        tau=tau,
+        v_threshold=v_threshold,
+        detach_reset=detach_reset,
+        surrogate=surrogate,
+        alpha=alpha,
+        backend=backend,
+    )
+    neuron = _attention_neuron(neuron, loose, "qkca()")
     _check_same("k", k, q)
     split_heads(q, 1)
-    opts = (neuron, tau, v_threshold, detach_reset, surrogate, alpha, backend)
-    a = _attn_lif(q.sum(dim=-1, keepdim=True), *opts)
+    a = _attn_lif(q.sum(dim=-1, keepdim=True), neuron)
     return a * k
 
 
@@ -261,13 +303,13 @@ def ff_lidiff(
     k: torch.Tensor,
     heads: int,
     *,
-    tau: float = 2.0,
-    v_threshold: float = 0.5,
-    detach_reset: bool = True,
-    surrogate: str = "sigmoid",
-    alpha: float | None = None,
-    backend: str = "auto",
-    neuron: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    neuron: Neuron | None = None,
+    tau: float = UNSET,
+    v_threshold: float = UNSET,
+    detach_reset: bool = UNSET,
+    surrogate: str = UNSET,
+    alpha: float | None = UNSET,
+    backend: str = UNSET,
 ) -> torch.Tensor:
     """SpiLiFormer's FF-LiDiff: token attention with lateral inhibition inside each head.
 
@@ -276,11 +318,20 @@ def ff_lidiff(
     ``[T, B, heads, 1, N]``; ``Y = A * K``. Only tokens whose first half out-fires the second pass.
     ``d`` must be even. Returns ``Y`` ``[T, B, C, N]`` (post-LIF).
     """
+    loose = dict(
+        tau=tau,
+        v_threshold=v_threshold,
+        detach_reset=detach_reset,
+        surrogate=surrogate,
+        alpha=alpha,
+        backend=backend,
+    )
+    neuron = _attention_neuron(neuron, loose, "ff_lidiff()")
     _check_same("k", k, q)
     qh, kh = split_heads(q, heads), split_heads(k, heads)
     d = qh.shape[3]
     if d % 2:
         raise ValueError(f"ff_lidiff splits each head's channels in halves: head dim {d} must be even")
     diff = qh[:, :, :, : d // 2].sum(dim=3, keepdim=True) - qh[:, :, :, d // 2 :].sum(dim=3, keepdim=True)
-    a = _attn_lif(diff, neuron, tau, v_threshold, detach_reset, surrogate, alpha, backend)
+    a = _attn_lif(diff, neuron)
     return _merge_heads(a * kh)

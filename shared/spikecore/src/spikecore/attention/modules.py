@@ -19,14 +19,18 @@ concat + 2D->D projection) is ``k_extra = W_td(S_td)`` with its own ``Conv1d(C, 
 the same through ``v_extra``. Subclasses can instead override :meth:`project` (one branch) or
 :meth:`attend` (the core).
 
-Neuron options (``tau``, ``detach_reset``, ``surrogate``, ``alpha``, ``backend``, ``stateful``) go to every
-LIF of the module. With ``stateful=True`` (TDFormer segments) the membranes carry over between calls:
-call ``spikecore.reset(model)`` between batches.
+The neuron, ``neuron=NeuronConfig(...)`` (default :data:`spikecore.BACKBONE_NEURON`: tau 2, V_th 1, hard
+reset to 0, detached reset, sigmoid surrogate), is every LIF of the module; the attention-map neuron
+``attn_lif`` is the same neuron with V_th ``attn_v_threshold`` (0.5). The older keyword options (``tau``,
+``v_threshold``, ``detach_reset``, ``surrogate``, ``alpha``, ``backend``) are still accepted instead of
+``neuron`` (not with it). ``stateful`` is the LIFs' state, not their dynamics: with ``stateful=True``
+(TDFormer segments) the membranes carry over between calls: call ``spikecore.reset(model)`` between batches.
 """
 
 import torch
 from torch import nn
 
+from ..neuron.config import BACKBONE_NEURON, UNSET, NeuronConfig, neuron_from
 from ..neuron.module import LIF
 from . import functional as F
 
@@ -51,13 +55,14 @@ class _SpikingAttention(nn.Module):
         dim: int,
         num_heads: int = 8,
         *,
-        tau: float = 2.0,
-        v_threshold: float = 1.0,
+        neuron: NeuronConfig | None = None,
+        tau: float = UNSET,
+        v_threshold: float = UNSET,
         attn_v_threshold: float = 0.5,
-        detach_reset: bool = True,
-        surrogate: str = "sigmoid",
-        alpha: float | None = None,
-        backend: str = "auto",
+        detach_reset: bool = UNSET,
+        surrogate: str = UNSET,
+        alpha: float | None = UNSET,
+        backend: str = UNSET,
         stateful: bool = False,
     ):
         super().__init__()
@@ -66,26 +71,30 @@ class _SpikingAttention(nn.Module):
         self.dim = dim
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self._neuron = dict(
+        loose = dict(
             tau=tau,
+            v_threshold=v_threshold,
             detach_reset=detach_reset,
             surrogate=surrogate,
             alpha=alpha,
             backend=backend,
-            stateful=stateful,
         )
+        self.neuron = neuron_from(neuron, loose, BACKBONE_NEURON, f"{type(self).__name__}()")
+        self.attn_v_threshold = attn_v_threshold
+        self.stateful = stateful
         for name in self.branches:
             setattr(self, f"{name}_conv", nn.Conv1d(dim, dim, kernel_size=1, bias=False))
             setattr(self, f"{name}_bn", nn.BatchNorm1d(dim))
-            setattr(self, f"{name}_lif", self.make_lif(v_threshold))
+            setattr(self, f"{name}_lif", self.make_lif())
         self.attn_lif = self.make_lif(attn_v_threshold)
         self.proj_conv = nn.Conv1d(dim, dim, kernel_size=1, bias=True)
         self.proj_bn = nn.BatchNorm1d(dim)
-        self.proj_lif = self.make_lif(v_threshold) if self.has_proj_lif else None
+        self.proj_lif = self.make_lif() if self.has_proj_lif else None
 
-    def make_lif(self, v_threshold: float) -> LIF:
-        """A :class:`spikecore.LIF` with this module's neuron options (hard reset to 0)."""
-        return LIF(v_threshold=v_threshold, v_reset=0.0, **self._neuron)
+    def make_lif(self, v_threshold: float | None = None) -> LIF:
+        """A :class:`spikecore.LIF` with this module's neuron (V_th ``v_threshold`` when given) and state."""
+        neuron = self.neuron if v_threshold is None else self.neuron.replace(v_threshold=v_threshold)
+        return LIF(neuron=neuron, stateful=self.stateful)
 
     # -- pieces -------------------------------------------------------------------------------------------
     @staticmethod
@@ -154,8 +163,8 @@ class SpikingSelfAttention(_SpikingAttention):
     ``"kv_first"`` (linear ``Q(K^T V)``) or ``"auto"`` (the cheaper; identical results on spikes).
     """
 
-    def __init__(self, dim: int, num_heads: int = 8, scale: float = 0.125, order: str = "auto", **neuron):
-        super().__init__(dim, num_heads, **neuron)
+    def __init__(self, dim: int, num_heads: int = 8, scale: float = 0.125, order: str = "auto", **options):
+        super().__init__(dim, num_heads, **options)
         if order not in F.SSA_ORDERS:
             raise ValueError(f"order must be one of {F.SSA_ORDERS}, got {order!r}")
         self.scale = scale
@@ -175,8 +184,8 @@ class FBLiDiffAttention(SpikingSelfAttention):
     ``x``; absent feedback gives exactly :class:`SpikingSelfAttention` (linear order) with the same weights.
     """
 
-    def __init__(self, dim: int, num_heads: int = 8, scale: float = 0.125, **neuron):
-        super().__init__(dim, num_heads, scale=scale, order="kv_first", **neuron)
+    def __init__(self, dim: int, num_heads: int = 8, scale: float = 0.125, **options):
+        super().__init__(dim, num_heads, scale=scale, order="kv_first", **options)
 
     def forward(
         self,
@@ -206,10 +215,10 @@ class SpikeDrivenSelfAttention(_SpikingAttention):
     has_proj_lif = False
 
     def __init__(
-        self, dim: int, num_heads: int = 8, shortcut_lif: bool = True, residual: bool = True, **neuron
+        self, dim: int, num_heads: int = 8, shortcut_lif: bool = True, residual: bool = True, **options
     ):
-        super().__init__(dim, num_heads, **neuron)
-        self.shortcut_lif = self.make_lif(neuron.get("v_threshold", 1.0)) if shortcut_lif else None
+        super().__init__(dim, num_heads, **options)
+        self.shortcut_lif = self.make_lif() if shortcut_lif else None
         self.residual = residual
 
     def fused_core(self, q: torch.Tensor) -> bool:
@@ -222,7 +231,7 @@ class SpikeDrivenSelfAttention(_SpikingAttention):
     def attend(self, q, k, v):
         if not self.fused_core(q):
             return F.sdsa(q, k, v, self.num_heads, neuron=self.attn_lif)
-        return F.sdsa(q, k, v, self.num_heads, **self.attn_lif.options())
+        return F.sdsa(q, k, v, self.num_heads, neuron=self.attn_lif.neuron)
 
     def forward(
         self,
@@ -264,8 +273,8 @@ class FFLiDiffAttention(_SpikingAttention):
 
     branches = ("q", "k")
 
-    def __init__(self, dim: int, num_heads: int = 8, **neuron):
-        super().__init__(dim, num_heads, **neuron)
+    def __init__(self, dim: int, num_heads: int = 8, **options):
+        super().__init__(dim, num_heads, **options)
         if self.head_dim % 2:
             raise ValueError(
                 f"FF-LiDiff needs an even head dim, got {self.head_dim} (dim {dim}, heads {num_heads})"

@@ -1,10 +1,9 @@
 """The interface every spiking backbone in :mod:`spikecore.models` follows."""
 
-from typing import Any
-
 import torch
 from torch import nn
 
+from ..neuron.config import BACKBONE_NEURON, UNSET, NeuronConfig, neuron_from
 from .layers import make_lif
 
 __all__ = ["EXTRA_KEYS", "SpikingBackbone"]
@@ -21,11 +20,14 @@ class SpikingBackbone(nn.Module):
 
     Constructor arguments common to every model: ``num_classes``, ``T`` (time steps for a static image),
     ``in_chans``, ``img_size`` (int or (H, W); sets ``block_tokens``), ``drop_path_rate`` (stochastic depth
-    per sample, the same at every time step; linear over the blocks, 0 by default) and the neuron options
-    ``tau`` (2.0), ``detach_reset`` (True), ``surrogate`` ("sigmoid", alpha 4 by default), ``alpha``,
-    ``backend`` ("auto") and ``stateful`` (False), which go to every LIF and every attention module of the
-    model (hard reset to 0, V_th 1.0, 0.5 after attention maps). With ``stateful=True`` the membranes carry
-    over between calls (e.g. TDFormer segments) until ``spikecore.reset(model)``.
+    per sample, the same at every time step; linear over the blocks, 0 by default), ``neuron`` and
+    ``stateful`` (False). ``neuron`` (a :class:`spikecore.NeuronConfig`; default
+    :data:`spikecore.BACKBONE_NEURON`: tau 2, V_th 1, hard reset to 0, detached reset, sigmoid surrogate with
+    alpha 4, backend "auto") is every LIF of the model, in every attention module too, except that the
+    attention maps' neurons fire at V_th 0.5 (the modules' ``attn_v_threshold``). The older keyword options
+    ``tau``, ``detach_reset``, ``surrogate``, ``alpha`` and ``backend`` still set those fields over the
+    default (not together with ``neuron``: a ``TypeError``). With ``stateful=True`` the membranes carry over
+    between calls (e.g. TDFormer segments) until ``spikecore.reset(model)``.
 
     Data flow (``forward(x) == forward_head(forward_features(x_seq))``)::
 
@@ -50,7 +52,7 @@ class SpikingBackbone(nn.Module):
 
     Attributes: ``num_features`` (final D), ``block_dims`` (D of each block), ``block_tokens`` (N of each
     block at ``img_size``), ``default_feedback_blocks`` (the blocks of the last stage, D == num_features),
-    ``T``, ``num_classes``, ``img_size``, ``in_chans``, ``neuron`` (the neuron options).
+    ``T``, ``num_classes``, ``img_size``, ``in_chans``, ``neuron`` (the model's NeuronConfig), ``stateful``.
 
     Subclasses build ``blocks``, ``block_stage``, ``downsample``, ``block_dims``, ``block_tokens`` and
     ``head``, implement :meth:`forward_stem`, and override :meth:`forward_head` if their head differs
@@ -64,12 +66,13 @@ class SpikingBackbone(nn.Module):
         T: int,
         in_chans: int,
         img_size: int | tuple[int, int],
-        tau: float,
-        detach_reset: bool,
-        surrogate: str,
-        alpha: float | None,
-        backend: str,
-        stateful: bool,
+        neuron: NeuronConfig | None = None,
+        tau: float = UNSET,
+        detach_reset: bool = UNSET,
+        surrogate: str = UNSET,
+        alpha: float | None = UNSET,
+        backend: str = UNSET,
+        stateful: bool = False,
     ):
         super().__init__()
         if T < 1:
@@ -78,23 +81,18 @@ class SpikingBackbone(nn.Module):
         self.T = T
         self.in_chans = in_chans
         self.img_size = _pair(img_size)
-        self.neuron: dict[str, Any] = dict(
-            tau=tau,
-            detach_reset=detach_reset,
-            surrogate=surrogate,
-            alpha=alpha,
-            backend=backend,
-            stateful=stateful,
-        )
+        loose = dict(tau=tau, detach_reset=detach_reset, surrogate=surrogate, alpha=alpha, backend=backend)
+        self.neuron = neuron_from(neuron, loose, BACKBONE_NEURON, f"{type(self).__name__}()")
+        self.stateful = stateful
         self.blocks = nn.ModuleList()
         self.block_stage: list[int] = []
         self.downsample = nn.ModuleList()
         self.block_dims: list[int] = []
         self.block_tokens: list[int] = []
 
-    def make_lif(self, v_threshold: float = 1.0) -> nn.Module:
-        """A LIF with this model's neuron options."""
-        return make_lif(self.neuron, v_threshold)
+    def make_lif(self, v_threshold: float | None = None) -> nn.Module:
+        """A LIF with this model's neuron (V_th ``v_threshold`` when given) and state."""
+        return make_lif(self.neuron, v_threshold, stateful=self.stateful)
 
     @property
     def num_features(self) -> int:

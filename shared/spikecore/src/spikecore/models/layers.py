@@ -2,6 +2,7 @@
 attention name table and the generic transformer block with its feedback extension point."""
 
 import inspect
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -15,6 +16,7 @@ from ..attention.modules import (
     SpikingSelfAttention,
     TokenQKAttention,
 )
+from ..neuron.config import NeuronConfig
 from ..neuron.module import LIF
 from .stochastic_depth import TimeMajorDropPath
 
@@ -29,7 +31,7 @@ __all__ = [
     "seq_apply",
 ]
 
-# Name -> attention module. Every class takes (dim, num_heads, **neuron options) and the q/k/v extras.
+# Name -> attention module. Every class takes (dim, num_heads, neuron=..., stateful=...) and the q/k/v extras.
 ATTENTION: dict[str, type[nn.Module]] = {
     "ssa": SpikingSelfAttention,
     "sdsa": SpikeDrivenSelfAttention,
@@ -41,22 +43,48 @@ ATTENTION: dict[str, type[nn.Module]] = {
 _SCALED = ("ssa", "fb_lidiff")  # the attention kinds with an SSA scale
 
 
-def make_lif(neuron: dict[str, Any], v_threshold: float = 1.0) -> LIF:
-    """A hard-reset (to 0) :class:`spikecore.LIF` with the model's neuron options."""
-    return LIF(v_threshold=v_threshold, v_reset=0.0, **neuron)
+# The layers below take the model's neuron, a NeuronConfig, and ``stateful`` (the LIFs' state). The older
+# form, one mapping of LIF keyword options with ``stateful`` among them, is still accepted.
+Neuron = NeuronConfig | Mapping[str, Any]
+
+
+def _neuron_and_state(neuron: Neuron, stateful: bool) -> tuple[NeuronConfig, bool]:
+    if isinstance(neuron, Mapping):  # the older form: LIF keyword options (defaults: LIF's)
+        options = dict(neuron)
+        stateful = bool(options.pop("stateful", stateful))
+        return NeuronConfig.coerce(options), stateful
+    return NeuronConfig.coerce(neuron), stateful
+
+
+def make_lif(neuron: Neuron, v_threshold: float | None = None, *, stateful: bool = False) -> LIF:
+    """A :class:`spikecore.LIF` with the model's neuron (V_th ``v_threshold`` when given)."""
+    neuron, stateful = _neuron_and_state(neuron, stateful)
+    if v_threshold is not None:
+        neuron = neuron.replace(v_threshold=v_threshold)
+    return LIF(neuron=neuron, stateful=stateful)
 
 
 def make_attention(
-    kind: str, dim: int, num_heads: int, neuron: dict[str, Any], scale: float | None = None
+    kind: str,
+    dim: int,
+    num_heads: int,
+    neuron: Neuron,
+    scale: float | None = None,
+    *,
+    stateful: bool = False,
 ) -> nn.Module:
-    """Attention module ``kind`` (a key of :data:`ATTENTION`) with the model's neuron options.
+    """Attention module ``kind`` (a key of :data:`ATTENTION`) with the model's neuron.
 
     ``scale`` applies to the SSA-style kinds only. SDSA is built without its own residual: the
     :class:`SpikingBlock` adds it, so that ``x_extra`` reaches the attention input but not the residual.
+    An older-form mapping of neuron options is passed to the module as its keyword options.
     """
     if kind not in ATTENTION:
         raise ValueError(f"unknown attention kind {kind!r}; choose one of {', '.join(ATTENTION)}")
-    kwargs: dict[str, Any] = dict(neuron)
+    if isinstance(neuron, Mapping):
+        kwargs: dict[str, Any] = {"stateful": stateful, **neuron}
+    else:
+        kwargs = dict(neuron=NeuronConfig.coerce(neuron), stateful=stateful)
     if kind in _SCALED and scale is not None:
         kwargs["scale"] = scale
     if kind == "sdsa":
@@ -84,12 +112,13 @@ class ConvBNLIF(nn.Module):
         self,
         in_chans: int,
         out_chans: int,
-        neuron: dict[str, Any],
+        neuron: Neuron,
         *,
         kernel_size: int = 3,
         stride: int = 1,
         pool: str | None = None,
         lif: bool = True,
+        stateful: bool = False,
     ):
         super().__init__()
         if pool not in (None, "pre", "post"):
@@ -100,7 +129,7 @@ class ConvBNLIF(nn.Module):
         self.bn = nn.BatchNorm2d(out_chans)
         self.pool = nn.MaxPool2d(3, stride=2, padding=1) if pool else None
         self.pool_position = pool
-        self.lif = make_lif(neuron) if lif else None
+        self.lif = make_lif(neuron, stateful=stateful) if lif else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         T, B = x.shape[:2]
@@ -118,14 +147,14 @@ class ConvBNLIF(nn.Module):
 class SpikingMlp(nn.Module):
     """Spikformer / QKFormer MLP on tokens ``[T, B, C, N]``: two ``Conv1x1(bias)-BN-LIF`` layers."""
 
-    def __init__(self, dim: int, hidden_dim: int, neuron: dict[str, Any]):
+    def __init__(self, dim: int, hidden_dim: int, neuron: Neuron, *, stateful: bool = False):
         super().__init__()
         self.fc1_conv = nn.Conv1d(dim, hidden_dim, 1)
         self.fc1_bn = nn.BatchNorm1d(hidden_dim)
-        self.fc1_lif = make_lif(neuron)
+        self.fc1_lif = make_lif(neuron, stateful=stateful)
         self.fc2_conv = nn.Conv1d(hidden_dim, dim, 1)
         self.fc2_bn = nn.BatchNorm1d(dim)
-        self.fc2_lif = make_lif(neuron)
+        self.fc2_lif = make_lif(neuron, stateful=stateful)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.fc1_lif(seq_apply(x, self.fc1_conv, self.fc1_bn))
@@ -138,12 +167,12 @@ class MembraneShortcutMlp(nn.Module):
     Returns the branch only; the block adds the real-valued residual.
     """
 
-    def __init__(self, dim: int, hidden_dim: int, neuron: dict[str, Any]):
+    def __init__(self, dim: int, hidden_dim: int, neuron: Neuron, *, stateful: bool = False):
         super().__init__()
-        self.fc1_lif = make_lif(neuron)
+        self.fc1_lif = make_lif(neuron, stateful=stateful)
         self.fc1_conv = nn.Conv1d(dim, hidden_dim, 1)
         self.fc1_bn = nn.BatchNorm1d(hidden_dim)
-        self.fc2_lif = make_lif(neuron)
+        self.fc2_lif = make_lif(neuron, stateful=stateful)
         self.fc2_conv = nn.Conv1d(hidden_dim, dim, 1)
         self.fc2_bn = nn.BatchNorm1d(dim)
 

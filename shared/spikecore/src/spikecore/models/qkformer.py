@@ -26,8 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..neuron.config import UNSET, NeuronConfig
 from .base import SpikingBackbone
-from .layers import ConvBNLIF, SpikingBlock, SpikingMlp, make_attention
+from .layers import ConvBNLIF, Neuron, SpikingBlock, SpikingMlp, make_attention
 from .registry import build_model, register_model
 
 __all__ = [
@@ -50,7 +51,7 @@ _STEMS: dict[str, tuple[tuple[tuple[int, bool], ...], int]] = {
 class PatchEmbedInit(nn.Module):
     """QKFormer's first patch embedding: ``[T, B, C, H, W] -> [T, B, D, H / r, W / r]``."""
 
-    def __init__(self, in_chans: int, embed_dim: int, kind: str, neuron: dict[str, Any]):
+    def __init__(self, in_chans: int, embed_dim: int, kind: str, neuron: Neuron, *, stateful: bool = False):
         super().__init__()
         if kind not in _STEMS:
             raise ValueError(f"unknown stem {kind!r}; choose one of {', '.join(_STEMS)}")
@@ -60,11 +61,13 @@ class PatchEmbedInit(nn.Module):
         widths = [embed_dim // div for div, _ in convs]
         ins = [in_chans, *widths[:-1]]
         self.proj = nn.ModuleList(
-            ConvBNLIF(i, o, neuron, pool="pre" if p else None)
+            ConvBNLIF(i, o, neuron, pool="pre" if p else None, stateful=stateful)
             for i, o, (_, p) in zip(ins, widths, convs, strict=True)
         )
         stride = 2 ** sum(p for _, p in convs[self.shortcut_from + 1 :])
-        self.shortcut = ConvBNLIF(widths[self.shortcut_from], embed_dim, neuron, kernel_size=1, stride=stride)
+        self.shortcut = ConvBNLIF(
+            widths[self.shortcut_from], embed_dim, neuron, kernel_size=1, stride=stride, stateful=stateful
+        )
         self.reduction = 2 ** sum(p for _, p in convs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -79,15 +82,17 @@ class PatchEmbedInit(nn.Module):
 class PatchEmbedStage(nn.Module):
     """PEDS between stages: ``[T, B, D_in, H, W] -> [T, B, D_out, H / 2, W / 2]``."""
 
-    def __init__(self, in_dim: int, out_dim: int, neuron: dict[str, Any], pool_first: bool = False):
+    def __init__(
+        self, in_dim: int, out_dim: int, neuron: Neuron, pool_first: bool = False, *, stateful: bool = False
+    ):
         super().__init__()
         self.proj = nn.ModuleList(
             [
-                ConvBNLIF(in_dim, out_dim, neuron, pool="pre" if pool_first else None),
-                ConvBNLIF(out_dim, out_dim, neuron, pool=None if pool_first else "pre"),
+                ConvBNLIF(in_dim, out_dim, neuron, pool="pre" if pool_first else None, stateful=stateful),
+                ConvBNLIF(out_dim, out_dim, neuron, pool=None if pool_first else "pre", stateful=stateful),
             ]
         )
-        self.shortcut = ConvBNLIF(in_dim, out_dim, neuron, kernel_size=1, stride=2)
+        self.shortcut = ConvBNLIF(in_dim, out_dim, neuron, kernel_size=1, stride=2, stateful=stateful)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = x
@@ -119,11 +124,12 @@ class QKFormer(SpikingBackbone):
         attn_scale: float = 0.125,
         stem: str = "cifar",
         drop_path_rate: float = 0.0,
-        tau: float = 2.0,
-        detach_reset: bool = True,
-        surrogate: str = "sigmoid",
-        alpha: float | None = None,
-        backend: str = "auto",
+        neuron: NeuronConfig | None = None,
+        tau: float = UNSET,
+        detach_reset: bool = UNSET,
+        surrogate: str = UNSET,
+        alpha: float | None = UNSET,
+        backend: str = UNSET,
         stateful: bool = False,
     ):
         super().__init__(
@@ -131,6 +137,7 @@ class QKFormer(SpikingBackbone):
             T=T,
             in_chans=in_chans,
             img_size=img_size,
+            neuron=neuron,
             tau=tau,
             detach_reset=detach_reset,
             surrogate=surrogate,
@@ -147,9 +154,10 @@ class QKFormer(SpikingBackbone):
             )
         if min(depths) < 1:
             raise ValueError(f"every stage needs at least one block, got depths {depths}")
-        self.patch_embed = PatchEmbedInit(in_chans, embed_dims[0], stem, self.neuron)
+        st = self.stateful
+        self.patch_embed = PatchEmbedInit(in_chans, embed_dims[0], stem, self.neuron, stateful=st)
         self.downsample.extend(
-            PatchEmbedStage(d_in, d_out, self.neuron, pool_first=stem == "imagenet")
+            PatchEmbedStage(d_in, d_out, self.neuron, pool_first=stem == "imagenet", stateful=st)
             for d_in, d_out in itertools.pairwise(embed_dims)
         )
         rates = iter(self.drop_path_rates(drop_path_rate, sum(depths)))
@@ -159,8 +167,8 @@ class QKFormer(SpikingBackbone):
         )
         for s, (dim, depth, kind, h) in enumerate(zip(embed_dims, depths, attn, heads, strict=True)):
             for _ in range(depth):
-                attention = make_attention(kind, dim, h, self.neuron, scale=attn_scale)
-                mlp = SpikingMlp(dim, int(dim * mlp_ratio), self.neuron)
+                attention = make_attention(kind, dim, h, self.neuron, scale=attn_scale, stateful=st)
+                mlp = SpikingMlp(dim, int(dim * mlp_ratio), self.neuron, stateful=st)
                 self.blocks.append(SpikingBlock(attention, mlp, next(rates)))
                 self.block_stage.append(s)
                 self.block_dims.append(dim)

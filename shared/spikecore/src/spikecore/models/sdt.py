@@ -20,8 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..neuron.config import UNSET, NeuronConfig
 from .base import SpikingBackbone
-from .layers import ConvBNLIF, MembraneShortcutMlp, SpikingBlock, make_attention, make_lif, seq_apply
+from .layers import ConvBNLIF, MembraneShortcutMlp, Neuron, SpikingBlock, make_attention, make_lif, seq_apply
 from .registry import build_model, register_model
 
 __all__ = ["MSPatchEmbed", "SpikeDrivenTransformer", "sdt_2_256", "sdt_2_512"]
@@ -30,7 +31,9 @@ __all__ = ["MSPatchEmbed", "SpikeDrivenTransformer", "sdt_2_256", "sdt_2_512"]
 class MSPatchEmbed(nn.Module):
     """SDT's stem: ``[T, B, C, H, W] -> [T, B, D, H / 2^p, W / 2^p]`` real-valued (p = ones in the mask)."""
 
-    def __init__(self, in_chans: int, embed_dim: int, pooling_stat: str, neuron: dict[str, Any]):
+    def __init__(
+        self, in_chans: int, embed_dim: int, pooling_stat: str, neuron: Neuron, *, stateful: bool = False
+    ):
         super().__init__()
         if len(pooling_stat) != 4 or set(pooling_stat) - {"0", "1"}:
             raise ValueError(f"pooling_stat must be a four-character 0/1 mask, got {pooling_stat!r}")
@@ -40,13 +43,13 @@ class MSPatchEmbed(nn.Module):
         ins = (in_chans, *widths[:-1])
         pools = [p == "1" for p in pooling_stat]
         self.proj = nn.ModuleList(
-            ConvBNLIF(i, o, neuron, pool="post" if p else None)
+            ConvBNLIF(i, o, neuron, pool="post" if p else None, stateful=stateful)
             for i, o, p in zip(ins, widths, pools[:3], strict=True)
         )
         self.proj_final = ConvBNLIF(
-            widths[-1], embed_dim, neuron, pool="pre" if pools[3] else None, lif=False
+            widths[-1], embed_dim, neuron, pool="pre" if pools[3] else None, lif=False, stateful=stateful
         )
-        self.rpe_lif = make_lif(neuron)
+        self.rpe_lif = make_lif(neuron, stateful=stateful)
         self.rpe_conv = nn.Conv2d(embed_dim, embed_dim, 3, 1, 1, bias=False)
         self.rpe_bn = nn.BatchNorm2d(embed_dim)
         self.reduction = 2 ** sum(pools)
@@ -78,11 +81,12 @@ class SpikeDrivenTransformer(SpikingBackbone):
         pooling_stat: str = "0011",
         attn: str = "sdsa",
         drop_path_rate: float = 0.0,
-        tau: float = 2.0,
-        detach_reset: bool = True,
-        surrogate: str = "sigmoid",
-        alpha: float | None = None,
-        backend: str = "auto",
+        neuron: NeuronConfig | None = None,
+        tau: float = UNSET,
+        detach_reset: bool = UNSET,
+        surrogate: str = UNSET,
+        alpha: float | None = UNSET,
+        backend: str = UNSET,
         stateful: bool = False,
     ):
         super().__init__(
@@ -90,6 +94,7 @@ class SpikeDrivenTransformer(SpikingBackbone):
             T=T,
             in_chans=in_chans,
             img_size=img_size,
+            neuron=neuron,
             tau=tau,
             detach_reset=detach_reset,
             surrogate=surrogate,
@@ -97,11 +102,12 @@ class SpikeDrivenTransformer(SpikingBackbone):
             backend=backend,
             stateful=stateful,
         )
-        self.patch_embed = MSPatchEmbed(in_chans, embed_dim, pooling_stat, self.neuron)
+        st = self.stateful
+        self.patch_embed = MSPatchEmbed(in_chans, embed_dim, pooling_stat, self.neuron, stateful=st)
         hidden = int(embed_dim * mlp_ratio)
         for rate in self.drop_path_rates(drop_path_rate, depth):
-            attention = make_attention(attn, embed_dim, num_heads, self.neuron)
-            mlp = MembraneShortcutMlp(embed_dim, hidden, self.neuron)
+            attention = make_attention(attn, embed_dim, num_heads, self.neuron, stateful=st)
+            mlp = MembraneShortcutMlp(embed_dim, hidden, self.neuron, stateful=st)
             self.blocks.append(SpikingBlock(attention, mlp, rate))
         r = self.patch_embed.reduction
         self.block_stage = [0] * depth

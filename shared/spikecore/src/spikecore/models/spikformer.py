@@ -19,8 +19,9 @@ from typing import Any
 
 import torch
 
+from ..neuron.config import UNSET, NeuronConfig
 from .base import SpikingBackbone
-from .layers import ConvBNLIF, SpikingBlock, SpikingMlp, make_attention
+from .layers import ConvBNLIF, Neuron, SpikingBlock, SpikingMlp, make_attention
 from .registry import build_model, register_model
 
 __all__ = ["SPS", "Spikformer", "spikformer_2_256_dvs", "spikformer_4_384"]
@@ -34,8 +35,10 @@ class SPS(torch.nn.Module):
         in_chans: int,
         embed_dim: int,
         pool_stages: tuple[bool, ...],
-        neuron: dict[str, Any],
+        neuron: Neuron,
         pool_position: str = "post",
+        *,
+        stateful: bool = False,
     ):
         super().__init__()
         if pool_position not in ("pre", "post"):
@@ -47,10 +50,10 @@ class SPS(torch.nn.Module):
         widths = (embed_dim // 8, embed_dim // 4, embed_dim // 2, embed_dim)
         ins = (in_chans, *widths[:-1])
         self.proj = torch.nn.ModuleList(
-            ConvBNLIF(i, o, neuron, pool=pool_position if p else None)
+            ConvBNLIF(i, o, neuron, pool=pool_position if p else None, stateful=stateful)
             for i, o, p in zip(ins, widths, pool_stages, strict=True)
         )
-        self.rpe = ConvBNLIF(embed_dim, embed_dim, neuron)
+        self.rpe = ConvBNLIF(embed_dim, embed_dim, neuron, stateful=stateful)
         self.reduction = 2 ** sum(bool(p) for p in pool_stages)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -84,11 +87,12 @@ class Spikformer(SpikingBackbone):
         attn: str = "ssa",
         attn_scale: float = 0.125,
         drop_path_rate: float = 0.0,
-        tau: float = 2.0,
-        detach_reset: bool = True,
-        surrogate: str = "sigmoid",
-        alpha: float | None = None,
-        backend: str = "auto",
+        neuron: NeuronConfig | None = None,
+        tau: float = UNSET,
+        detach_reset: bool = UNSET,
+        surrogate: str = UNSET,
+        alpha: float | None = UNSET,
+        backend: str = UNSET,
         stateful: bool = False,
     ):
         super().__init__(
@@ -96,6 +100,7 @@ class Spikformer(SpikingBackbone):
             T=T,
             in_chans=in_chans,
             img_size=img_size,
+            neuron=neuron,
             tau=tau,
             detach_reset=detach_reset,
             surrogate=surrogate,
@@ -103,11 +108,15 @@ class Spikformer(SpikingBackbone):
             backend=backend,
             stateful=stateful,
         )
-        self.patch_embed = SPS(in_chans, embed_dim, tuple(pool_stages), self.neuron, pool_position)
+        st = self.stateful
+        self.patch_embed = SPS(
+            in_chans, embed_dim, tuple(pool_stages), self.neuron, pool_position, stateful=st
+        )
         hidden = int(embed_dim * mlp_ratio)
         for rate in self.drop_path_rates(drop_path_rate, depth):
-            attention = make_attention(attn, embed_dim, num_heads, self.neuron, scale=attn_scale)
-            self.blocks.append(SpikingBlock(attention, SpikingMlp(embed_dim, hidden, self.neuron), rate))
+            attention = make_attention(attn, embed_dim, num_heads, self.neuron, scale=attn_scale, stateful=st)
+            mlp = SpikingMlp(embed_dim, hidden, self.neuron, stateful=st)
+            self.blocks.append(SpikingBlock(attention, mlp, rate))
         r = self.patch_embed.reduction
         self.block_stage = [0] * depth
         self.block_dims = [embed_dim] * depth

@@ -5,6 +5,7 @@ import math
 import torch
 from torch import nn
 
+from .config import DEFAULT_NEURON, UNSET, NeuronConfig, neuron_from
 from .ops import BACKENDS, _lif_multi_step, lif_multi_step
 
 
@@ -23,23 +24,46 @@ class LIF(nn.Module):
     which must then be finite and > 1. The tau rule is checked here, once: ``1 / sigmoid(w)`` is >= 1 for
     any non-NaN ``w``, so ``forward`` does not re-check the learnable tau's value (on CUDA that would cost a
     host sync every step); a NaN ``w`` from diverged training is left to the loss to show.
+
+    The neuron's settings are ``neuron``, a :class:`spikecore.NeuronConfig`, or the same settings as
+    keyword arguments (the older spelling; unset ones take NeuronConfig's defaults); both at once is a
+    ``TypeError``. :attr:`neuron` gives them back as one value.
     """
 
     def __init__(
         self,
-        tau: float = 2.0,
-        v_threshold: float = 1.0,
-        v_reset: float | None = 0.0,
-        decay_input: bool = True,
-        detach_reset: bool = False,
-        surrogate: str = "sigmoid",
-        alpha: float | None = None,
-        backend: str = "auto",
+        tau: float = UNSET,
+        v_threshold: float = UNSET,
+        v_reset: float | None = UNSET,
+        decay_input: bool = UNSET,
+        detach_reset: bool = UNSET,
+        surrogate: str = UNSET,
+        alpha: float | None = UNSET,
+        backend: str = UNSET,
         learnable_tau: bool = False,
         stateful: bool = False,
         store_v_seq: bool = False,
+        *,
+        neuron: NeuronConfig | None = None,
     ):
         super().__init__()
+        loose = dict(
+            tau=tau,
+            v_threshold=v_threshold,
+            v_reset=v_reset,
+            decay_input=decay_input,
+            detach_reset=detach_reset,
+            surrogate=surrogate,
+            alpha=alpha,
+            backend=backend,
+        )
+        if neuron is None:  # the keyword spelling, checked below exactly as before
+            options = {k: getattr(DEFAULT_NEURON, k) if v is UNSET else v for k, v in loose.items()}
+        else:
+            options = neuron_from(neuron, loose, where="LIF()").to_dict()
+        tau, v_threshold, v_reset = options["tau"], options["v_threshold"], options["v_reset"]
+        decay_input, detach_reset = options["decay_input"], options["detach_reset"]
+        surrogate, alpha, backend = options["surrogate"], options["alpha"], options["backend"]
         if isinstance(tau, torch.Tensor):
             if tau.numel() != 1:
                 raise TypeError(
@@ -82,6 +106,21 @@ class LIF(nn.Module):
     @property
     def tau(self) -> float | torch.Tensor:
         return self._tau if self.w is None else 1.0 / torch.sigmoid(self.w)
+
+    @property
+    def neuron(self) -> NeuronConfig:
+        """This neuron's settings as one value (a learnable tau at its current value)."""
+        tau = self._tau if self.w is None else float(self.tau.detach())
+        return NeuronConfig(
+            tau=tau,
+            v_threshold=self.v_threshold,
+            v_reset=self.v_reset,
+            decay_input=self.decay_input,
+            detach_reset=self.detach_reset,
+            surrogate=self.surrogate,
+            alpha=self.alpha,
+            backend=self.backend,
+        )
 
     def options(self) -> dict:
         """This neuron's parameters as keyword arguments (tau, threshold, reset, surrogate, backend), for

@@ -1,7 +1,7 @@
 """``lif_multi_step``: validation, backend choice, and the fused op registered with ``torch.library``.
 
-The fused backends (``_cpu`` with numba, ``_triton`` with Triton) implement one contract on flattened
-tensors, so the autograd and ``torch.compile`` plumbing here is written once:
+The fused backends (``_cpu``: C++ kernels, numba where they cannot be built; ``_triton``: Triton) implement
+one contract on flattened tensors, so the autograd and ``torch.compile`` plumbing here is written once:
 
 ``lif_fwd(x[T,N], v_init[N] f32 | None, tau_t[N] f32 | None, tau, v_th, v_reset, soft, decay_input,
           store_v_seq)``
@@ -21,10 +21,10 @@ import os
 
 import torch
 
+from .config import BACKENDS, DEFAULT_NEURON, UNSET, NeuronConfig, neuron_from
 from .reference import check_tau_shape, lif_reference
 from .surrogate import resolve
 
-BACKENDS = ("auto", "triton", "cpu", "torch")
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -269,23 +269,30 @@ def lif_multi_step(
     x: torch.Tensor,
     v_init: torch.Tensor | None = None,
     *,
-    tau: float | torch.Tensor = 2.0,
-    v_threshold: float = 1.0,
-    v_reset: float | None = 0.0,
-    decay_input: bool = True,
-    detach_reset: bool = False,
-    surrogate: str = "sigmoid",
-    alpha: float | None = None,
-    backend: str = "auto",
+    neuron: NeuronConfig | None = None,
+    tau: float | torch.Tensor = UNSET,
+    v_threshold: float = UNSET,
+    v_reset: float | None = UNSET,
+    decay_input: bool = UNSET,
+    detach_reset: bool = UNSET,
+    surrogate: str = UNSET,
+    alpha: float | None = UNSET,
+    backend: str = UNSET,
     store_v_seq: bool = False,
 ):
-    """Multi-step LIF over ``x[T, ...]`` (the equations of reference.py).
+    """Multi-step LIF over ``x[T, ...]`` (the equations of reference.py, written out in docs/spikecore.md).
+
+    The neuron is ``neuron``, a :class:`spikecore.NeuronConfig` (tau, v_threshold, v_reset, decay_input,
+    detach_reset, surrogate, alpha, backend), or the same settings as keyword arguments (the older
+    spelling, still accepted; unset ones take NeuronConfig's defaults: tau 2, V_th 1, hard reset to 0,
+    decay_input, no detached reset, sigmoid surrogate, backend auto). Both at once is a ``TypeError``.
+    A per-neuron tensor ``tau`` (below) is given as the ``tau`` keyword.
 
     Returns ``(spikes, v_final)``, or ``(spikes, v_final, v_seq)`` with ``store_v_seq=True``.
     ``spikes`` has x's shape and dtype; ``v_final`` (shape ``x.shape[1:]``) and ``v_seq`` are float32
     (float64 for float64 input). ``v_reset=None`` is a soft reset. ``v_seq`` is for analysis and carries no
-    gradient. ``backend``: ``"auto"`` (Triton on CUDA, the fused numba kernel on CPU, the reference loop for
-    float64), ``"triton"``, ``"cpu"`` or ``"torch"`` (the plain reference loop).
+    gradient. ``backend``: ``"auto"`` (Triton on CUDA, the fused C++ kernels on CPU, numba where they cannot
+    be built, the reference loop for float64), ``"triton"``, ``"cpu"`` or ``"torch"`` (the reference loop).
 
     ``tau`` must be > 0 (inf allowed: no leak with ``decay_input=False``; NaN refused), as a float or, for a
     floating-point tensor (PLIF), at every element; the tensor then receives a gradient. A tensor tau must
@@ -295,9 +302,7 @@ def lif_multi_step(
     ``torch.compile`` and functorch transforms, where tensors have no values yet. ``spikecore.LIF`` with
     ``learnable_tau`` skips it: its ``tau = 1 / sigmoid(w)`` is >= 1 for every non-NaN ``w`` by construction.
     """
-    return _lif_multi_step(
-        x,
-        v_init,
+    loose = dict(
         tau=tau,
         v_threshold=v_threshold,
         v_reset=v_reset,
@@ -306,9 +311,12 @@ def lif_multi_step(
         surrogate=surrogate,
         alpha=alpha,
         backend=backend,
-        store_v_seq=store_v_seq,
-        check_tau_values=True,
     )
+    if neuron is None:  # the keyword spelling, checked by _lif_multi_step exactly as before
+        options = {k: getattr(DEFAULT_NEURON, k) if v is UNSET else v for k, v in loose.items()}
+    else:
+        options = neuron_from(neuron, loose, where="lif_multi_step()").to_dict()
+    return _lif_multi_step(x, v_init, **options, store_v_seq=store_v_seq, check_tau_values=True)
 
 
 def _lif_multi_step(

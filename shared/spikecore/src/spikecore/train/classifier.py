@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from ..neuron.config import NEURON_FIELDS, NeuronConfig
 from ..neuron.module import reset
 from .schedule import warmup_cosine
 
@@ -25,7 +26,8 @@ class SpikingClassifier(pl.LightningModule):
     """Train / evaluate a registered spiking network on a classification data module.
 
     Args:
-        arch: registered model name (see the package's ``list_models()``).
+        arch: registered model name, the same registry everywhere: ``spikecore.models.list_models()``
+            (spikecore's backbones and the installed packages' models, e.g. ``tdformer_spikformer_4_384``).
         num_classes: classes of the data (linked from the data module by the CLI).
         T: time steps a static image is repeated over (event frames bring their own T).
         arch_kwargs: further keyword arguments of the model builder (e.g. ``drop_path_rate``, ``segments``).
@@ -39,6 +41,11 @@ class SpikingClassifier(pl.LightningModule):
         mixup, cutmix: timm Mixup alphas (0 disables each); ``mixup_prob`` the chance a batch is mixed,
             ``mixup_switch_prob`` the chance of cutmix when both are on; ``mixup_off_epoch`` stops mixing
             from that epoch on (SpiLiFormer's recipe turns it off at 200).
+        neuron: the network's neuron, a :class:`spikecore.NeuronConfig` (in YAML a ``neuron:`` section,
+            ``{tau: 2.0, detach_reset: true, ...}``: the complete neuron, unset fields take NeuronConfig's
+            defaults, which are ``lif_multi_step``'s, not the backbones' ``BACKBONE_NEURON``); given to the
+            model builder as ``neuron=``. ``None``: the model's own default. Not together with a
+            ``neuron`` or a neuron keyword (``tau``, ``backend``, ...) in ``arch_kwargs``.
     """
 
     def __init__(
@@ -60,6 +67,7 @@ class SpikingClassifier(pl.LightningModule):
         mixup_switch_prob: float = 0.5,
         mixup_off_epoch: int | None = None,
         init_weights: str | None = None,
+        neuron: NeuronConfig | None = None,
     ):
         super().__init__()
         _check_recipe(
@@ -70,15 +78,42 @@ class SpikingClassifier(pl.LightningModule):
             warmup_epochs=warmup_epochs,
             cooldown_epochs=cooldown_epochs,
         )
+        network_kwargs = _network_kwargs(arch_kwargs, neuron)
         self.save_hyperparameters()
-        self.net = self.build_network(arch, num_classes=num_classes, T=T, **(arch_kwargs or {}))
+        # LightningCLI hands its config's values to save_hyperparameters: save what this module was built
+        # with (a subclass may pass arch on in its current meaning, e.g. tdformer's older backbone names),
+        # and neurons as plain values (checkpoints are read with weights_only: no NeuronConfig objects).
+        saved = dict(arch=arch, neuron=None if neuron is None else NeuronConfig.coerce(neuron).to_dict())
+        if isinstance((arch_kwargs or {}).get("neuron"), NeuronConfig):
+            saved["arch_kwargs"] = {**arch_kwargs, "neuron": arch_kwargs["neuron"].to_dict()}
+        self._update_saved_hparams(**saved)
+        self.net = self.build_network(arch, num_classes=num_classes, T=T, **network_kwargs)
         self.mixup_fn = self._make_mixup()
         self.accuracy = nn.ModuleDict(_accuracy_metrics(num_classes))
         if init_weights:
             self.load_initial_weights(init_weights)
 
+    def _update_saved_hparams(self, **values: Any) -> None:
+        """Replace saved hyper-parameters (those checkpoints keep and loggers report) by these values."""
+        initial = getattr(self, "_hparams_initial", None)
+        for key, value in values.items():
+            self.hparams[key] = value
+            if initial is not None and key in initial:
+                initial[key] = value
+
     # -- hooks for subclasses ------------------------------------------------------------------------
     registry: Callable[..., nn.Module] | None = None  # a package's create_model (a staticmethod)
+
+    @classmethod
+    def upgrade_hparams(cls, hparams: dict[str, Any]) -> dict[str, Any]:
+        """A checkpoint's saved hyper-parameters in this version's meaning (a new dict). The CLI applies it
+        before comparing them with the config and rebuilding the model; a subclass maps what an older
+        version saved with another meaning (tdformer: ``arch`` that named the backbone). An option newer
+        than the checkpoint gets the value that rebuilds what was saved, not the config's: a checkpoint
+        without ``neuron`` had its neuron in ``arch_kwargs`` (or the model's default)."""
+        hparams = dict(hparams)
+        hparams.setdefault("neuron", None)
+        return hparams
 
     def build_network(self, arch: str, **kwargs: Any) -> nn.Module:
         """The network ``arch`` from the package's registry (spikecore's shared backbones by default)."""
@@ -233,6 +268,26 @@ def _accuracy_metrics(num_classes: int) -> dict[str, MulticlassAccuracy]:
         for split in ("train", "val", "test")
         for key, k in ks.items()
     }
+
+
+def _network_kwargs(arch_kwargs: dict[str, Any] | None, neuron: Any) -> dict[str, Any]:
+    """The model builder's keyword arguments: ``arch_kwargs`` with ``neuron`` (one place for the neuron)."""
+    from ..errors import ConfigError
+
+    kwargs = dict(arch_kwargs or {})
+    if neuron is None:
+        return kwargs
+    twice = sorted({"neuron", *NEURON_FIELDS} & set(kwargs))
+    if twice:
+        raise ConfigError(
+            f"model.neuron and model.arch_kwargs.{twice[0]} both set the network's neuron: give its settings "
+            "in model.neuron only"
+        )
+    try:
+        kwargs["neuron"] = NeuronConfig.coerce(neuron)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"model.neuron: {err}") from None
+    return kwargs
 
 
 def _check_recipe(**values: float) -> None:

@@ -85,10 +85,23 @@ class SafeLightningCLI(LightningCLI):
 
     def _apply_checkpoint_hparams(self, sub: str, ckpt_path: str, ckpt: dict) -> None:
         """Rebuild the model with the checkpoint's hyper-parameters (what LightningCLI does), but refuse a
-        ``--model.*`` option that contradicts them instead of silently ignoring it."""
+        ``--model.*`` option that contradicts them instead of silently ignoring it. The saved values are
+        first read in this version's meaning by the module class's ``upgrade_hparams`` (with a note)."""
         hparams = dict(ckpt.get("hyper_parameters") or {})
         hparams.pop("_instantiator", None)
         hparams.pop("init_weights", None)  # the checkpoint's own weights replace them
+        upgrade = getattr(self.model_class, "upgrade_hparams", None)
+        if callable(upgrade) and "_class_path" not in hparams:
+            saved, hparams = hparams, upgrade(hparams)
+            renamed = {k: (saved.get(k), v) for k, v in hparams.items() if _canon(saved.get(k)) != _canon(v)}
+            if renamed:
+                listed = ", ".join(
+                    f"model.{k}={_show(o)} -> {_show(n)}" for k, (o, n) in sorted(renamed.items())
+                )
+                print(
+                    f"note: {ckpt_path} was saved by an older version; its hyper-parameters read as {listed}",
+                    file=sys.stderr,
+                )
         model_cfg = self.config[sub].get("model")
         if not hparams or not isinstance(model_cfg, Namespace) or "_class_path" in hparams:
             return
