@@ -117,9 +117,10 @@ class BrainMapSAE(SAEModule):
 
     # ------------------------------------------------------------------------------------------ output
     def on_fit_end(self) -> None:
+        # log_dir is broadcast from rank 0 under DDP: every process asks for it, then only rank 0 writes.
+        root = self.trainer.log_dir or self.trainer.default_root_dir  # no logger: the trainer's root
         if self.trainer.global_rank != 0:
             return
-        root = self.trainer.log_dir or self.trainer.default_root_dir  # no logger: the trainer's root
         out = Path(self.export_dir) if self.export_dir else Path(root) / "saes"
         for name, sae in self.saes.items():
             save_sae(sae, out / f"{name}.safetensors")

@@ -53,7 +53,19 @@ class ImageDataModule(pl.LightningDataModule):
 
 
 class _StoreBatches(torch.utils.data.IterableDataset):
-    def __init__(self, store: ActivationStore, batch_tokens: int, layers: list[int], seed: int) -> None:
+    """The store's shuffled batches; under DDP process ``rank`` of ``world_size`` takes every
+    ``world_size``-th of them (all processes draw the same order from the seed), and every process the
+    same number (the last ``n_batches % world_size`` are left out), so that no process waits for another."""
+
+    def __init__(
+        self,
+        store: ActivationStore,
+        batch_tokens: int,
+        layers: list[int],
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         self.store, self.batch_tokens, self.layers, self.seed, self.epoch = (
             store,
             batch_tokens,
@@ -61,10 +73,21 @@ class _StoreBatches(torch.utils.data.IterableDataset):
             seed,
             0,
         )
+        self.rank, self.world_size = rank, world_size
+
+    def per_process(self) -> int:
+        """Batches each process gets per epoch."""
+        return self.store.n_tokens // self.batch_tokens // self.world_size
 
     def __iter__(self):
         self.epoch += 1  # a new order every epoch, reproducible from the seed
-        return self.store.batches(self.batch_tokens, self.layers, shuffle=True, seed=self.seed + self.epoch)
+        batches = self.store.batches(
+            self.batch_tokens, self.layers, shuffle=True, seed=self.seed + self.epoch
+        )
+        if self.world_size == 1:
+            return batches
+        last = self.per_process() * self.world_size
+        return (b for i, b in enumerate(batches) if i < last and i % self.world_size == self.rank)
 
 
 class StoreDataModule(ImageDataModule):
@@ -74,7 +97,12 @@ class StoreDataModule(ImageDataModule):
     A store made with other settings (backbone or its weights, layers, token set, images, their count,
     seed or input size, dtype, shard size) is refused before any work, naming what differs; with
     ``rebuild: true`` such a store is deleted and extracted again (a store with the same settings is
-    still reused or resumed)."""
+    still reused or resumed).
+
+    Under DDP (``--trainer.devices N --trainer.strategy ddp``) the extraction runs once, in the first
+    process of each machine (Lightning's ``prepare_data``; the others wait for it at a barrier: a long
+    extraction may need a longer ``timeout`` of the DDP strategy), so one store is written; every process
+    then trains on its own share of the store's batches."""
 
     def __init__(
         self,
@@ -126,5 +154,8 @@ class StoreDataModule(ImageDataModule):
 
     def train_dataloader(self):
         tokens = self.batch_size * self.store.manifest["tokens_per_image"]
-        data = _StoreBatches(self.store, tokens, list(_model(self).layers), self.seed)
+        trainer = self.trainer
+        data = _StoreBatches(
+            self.store, tokens, list(_model(self).layers), self.seed, trainer.global_rank, trainer.world_size
+        )
         return torch.utils.data.DataLoader(data, batch_size=None)

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from spikecore.errors import UserError
 
-from .metrics import FiringCounter, batch_metrics
+from .metrics import EpochMeasures, batch_metrics
 from .sae import SAE, SAEConfig, default_lr
 
 
@@ -181,8 +181,9 @@ class SAEModule(pl.LightningModule):
         self._window: dict[str, list[float]] = {}  # per SAE: [sum of objectives, steps] since last read
         # Data-dependent init (b_pre = data mean, input scale) happens on the first batch, once.
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
-        self._epoch: dict[str, dict[str, float]] = {}
-        self._firing: dict[str, FiringCounter] = {}
+        # Epoch measures per SAE (torchmetrics: exact under DDP; made in on_train_start, kept out of the
+        # module's children so that they never reach a checkpoint or the model summary).
+        self._measures: dict[str, EpochMeasures] = {}
         self.epoch_metrics: dict[str, dict[str, float]] = {}  # last completed epoch's per-SAE means
 
     # ------------------------------------------------------------------------------------------- batches
@@ -196,7 +197,12 @@ class SAEModule(pl.LightningModule):
         self.saes.train()
 
     def on_train_start(self) -> None:
-        self._firing = {name: FiringCounter(sae.config.n_latents) for name, sae in self.saes.items()}
+        self._measures = {}
+        for name, sae in self.saes.items():
+            measures = EpochMeasures(sae.config.n_latents)
+            if self.device.type == "mps":  # no float64 there
+                measures.set_dtype(torch.float32)
+            self._measures[name] = measures.to(self.device)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         toks = self.tokens(batch)
@@ -221,12 +227,8 @@ class SAEModule(pl.LightningModule):
             win = self._window.setdefault(name, [0.0, 0])
             win[0] += float(objective(sae, out).detach())
             win[1] += 1
-            if name in self._firing:
-                self._firing[name].update(out["z"])
-            acc = self._epoch.setdefault(name, {"n": 0.0})
-            acc["n"] += 1
-            for key, value in metrics.items():
-                acc[key] = acc.get(key, 0.0) + value
+            if name in self._measures:
+                self._measures[name].update(metrics, out["z"])
             if log:
                 self.log_dict({f"train/{name}/{k}": v for k, v in metrics.items()}, batch_size=x.shape[0])
                 dead = float(sae.dead_mask().float().mean())
@@ -278,16 +280,16 @@ class SAEModule(pl.LightningModule):
             sae.normalize_decoder()
 
     def on_train_epoch_end(self) -> None:
+        # Token-weighted means over every batch of every process, and the latents that fired on no token
+        # of the epoch: compute() sums the states across processes, so every rank logs the same numbers.
         self.epoch_metrics = {}
-        for name, acc in self._epoch.items():
-            n = acc.pop("n")
-            means = {k: v / n for k, v in acc.items()}
-            if name in self._firing:  # latents that never fired during the whole epoch
-                means["dead_fraction"] = self._firing[name].dead_fraction()
-                self._firing[name] = FiringCounter(self.saes[name].config.n_latents)
+        for name, measures in self._measures.items():
+            if measures.update_count == 0:  # no batch this epoch
+                continue
+            means = measures.compute()
+            measures.reset()
             self.epoch_metrics[name] = means
             self.log_dict({f"epoch/{name}/{k}": v for k, v in means.items()})
-        self._epoch = {}
 
     # ---------------------------------------------------------------------------------------- evaluation
     def validation_step(self, batch: Any, batch_idx: int) -> None:
