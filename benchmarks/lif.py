@@ -259,7 +259,7 @@ def main(argv=None) -> None:
         configs += [(4, N, torch.bfloat16), (4, N, torch.float16)]
     else:
         configs += [(T, N, dt) for dt in (torch.float16, torch.bfloat16) for T in Ts]
-        configs.append((4, 2**12 if args.quick else 4_194_304, torch.float16))  # docs/spikecore.md anchor
+        configs.append((4, 2**12 if args.quick else 4_194_304, torch.float16))  # the docs' fp16 anchor
 
     fns = impls(dev, args.ours_backend or ("cpu" if dev == "cpu" else "triton"))
     first_call_s = first_call(fns["ours"], dev)

@@ -1,5 +1,6 @@
-"""SpiLiFormer's model: registry and parameter counts, and each equation of docs/spiliformer.md against an
-independent reference (hand-built inputs, or the formula recomputed with spikingjelly's LIF neuron)."""
+"""SpiLiFormer's model: registry and parameter counts, and each equation of
+docs/spiliformer-equations.md against an independent reference (hand-built inputs, or the formula
+recomputed with spikingjelly's LIF neuron)."""
 
 import pytest
 import torch
@@ -220,7 +221,7 @@ def test_ff_lidiff_masks_a_token_whose_first_half_fires_less():
 
 
 def fb_reference(attn, x: torch.Tensor, feedback: torch.Tensor | None) -> torch.Tensor:
-    """FB-LiDiff from its formula (docs/spiliformer.md), with spikingjelly's LIF and eval-mode BN."""
+    """FB-LiDiff from its formula (docs/spiliformer-equations.md), spikingjelly's LIF, eval-mode BN."""
     q = sj_lif(bn_eval(attn.q_bn, conv(attn.q_conv, x)))
     k = sj_lif(bn_eval(attn.k_bn, conv(attn.k_conv, x)))
     v_pre = conv(attn.v_conv, x) + (0 if feedback is None else conv(attn.v_conv, feedback))

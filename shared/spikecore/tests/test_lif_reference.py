@@ -1,6 +1,6 @@
 """The reference loop and its backward recurrence, checked in float64.
 
-1. The reverse-time recurrence of docs/spikecore.md (what the fused kernels implement), wrapped as the
+1. The reverse-time recurrence of docs/spikecore-equations.md (what the fused kernels implement), as the
    backward of a smooth LIF (spike = g(H - V_th), g' = the surrogate), passes ``gradcheck`` against finite
    differences.
 2. Autograd through the reference loop (Heaviside spike, surrogate derivative) equals that recurrence.
@@ -31,7 +31,7 @@ def smooth_forward(x, v0, tau, soft, decay_input, spike):
 
 
 def spec_backward(x, hs, ss, vps, gs, gv, tau, soft, detach, decay_input, dsig):
-    """The reverse-time recurrence exactly as written in docs/spikecore.md."""
+    """The reverse-time recurrence exactly as written in docs/spikecore-equations.md."""
     vr = 0.0 if soft else VRESET
     carry, gx, gtau = gv, torch.empty_like(x), torch.zeros_like(gv)
     for t in reversed(range(x.shape[0])):

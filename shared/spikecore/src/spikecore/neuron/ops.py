@@ -280,7 +280,7 @@ def lif_multi_step(
     backend: str = UNSET,
     store_v_seq: bool = False,
 ):
-    """Multi-step LIF over ``x[T, ...]`` (the equations of reference.py, written out in docs/spikecore.md).
+    """Multi-step LIF over ``x[T, ...]`` (reference.py's equations, in docs/spikecore-equations.md).
 
     The neuron is ``neuron``, a :class:`spikecore.NeuronConfig` (tau, v_threshold, v_reset, decay_input,
     detach_reset, surrogate, alpha, backend), or the same settings as keyword arguments (the older
