@@ -1,16 +1,14 @@
 // Fused multi-step LIF on the CPU (the equations of neuron/reference.py), built on first use by torch's C++ extension
 // loader (see _cpu_cpp.py). One pass over x for the forward, one pass over x / grad_s for the backward.
 //
-// Layout: x, spikes, grad_s, grad_x are [T, N] contiguous. Two ways to walk it, chosen by T (measured on a
-// 2-core AMD EPYC, 2^20 neurons):
-// - tiles (forward always, backward for T >= 10): for a tile of contiguous neurons, each step's row is read
-//   and written as one contiguous run, with the tile's state in small arrays (L1). Long runs keep the
-//   prefetchers and DRAM pages effective when there are many rows (T = 16: 1.5-2x faster than vectors);
-// - vectors (backward for T < 10): 32 neurons at a time through the whole time loop with the state in
-//   registers. With few rows the runs matter less and the registers save the L1 traffic of the tile
-//   arrays, which AVX-512 on Zen 4 is short of (T = 4: ~1.3x faster than tiles; even at T = 8 and 10).
-// The backward recomputes H from x (nothing but x is saved) and then walks time in reverse. Every inner
-// loop runs over neurons with no branches, so the compiler turns it into SIMD instructions.
+// Layout: x, spikes, grad_s, grad_x are [T, N] contiguous. Both passes walk tiles: for a tile of contiguous
+// neurons, each step's row is read and written as one contiguous run, with the tile's state in small arrays
+// (L1). Long runs keep the prefetchers and DRAM pages effective; a tile's lanes are independent, so the
+// out-of-order core overlaps the time-step chains of many vectors (the backward, a long chain per step, ran
+// 1.3-1.8x slower walking one or two vectors at a time through all T steps, measured on a 2-core AMD EPYC).
+// The backward recomputes H from x (nothing but x is saved) and then walks time in reverse, in one loop
+// per step: each lane's surrogate derivative is computed where its gradient is, in registers. Every inner
+// loop runs over neurons with no branches.
 //
 // Arithmetic is float32 in the reference's operation order (no fast-math): fp32 spikes are bit-identical
 // to lif_reference. Every row (the forward's, the backward's recompute, every surrogate's derivative, the
@@ -41,10 +39,7 @@
 
 namespace {
 
-constexpr int L = 32;  // neurons per vector: two AVX-512 registers of floats (measured best of 16, 32, 64;
-                       // also best for an AVX2 build: 16 was 1.25x slower at T = 4)
 constexpr int kMaxBlock = 512;  // neurons per tile, at most (the per-tile arrays live on the stack)
-constexpr int64_t kMinTilesT = 10;  // the backward walks tiles from this many steps on, vectors below
 
 // Neurons per tile for T steps: shorter runs won at T <= 8 (128 against 512), longer ones at T = 16.
 inline int block_size(int64_t T) { return T <= 8 ? 128 : kMaxBlock; }
@@ -265,7 +260,7 @@ struct Params {
   float alpha;
 };
 
-// Lanes [j0, j0 + n) of one vector: tau per lane.
+// Lanes [j0, j0 + n) of one tile: tau per lane.
 inline void load_tau(const Params& p, int64_t j0, int n, float* tau) {
   for (int l = 0; l < n; ++l) tau[l] = p.tau_arr ? p.tau_arr[j0 + l] : p.tau;
 }
@@ -382,55 +377,26 @@ inline __attribute__((always_inline)) vf sigmoid_grad(vf z, float a, vf table) {
 }
 #endif
 
-// sigma'(H - V_th) for the lanes of one step.
+// sigma'(z) in VW lanes: the table sigmoid where it is built, surrogate<SID> otherwise.
 template <int SID>
-inline __attribute__((always_inline)) void surrogate_row(const float* h, float vth, float a, float* sg, int n) {
-  int l = 0;
+inline __attribute__((always_inline)) vf surrogate_vec(vf z, float a) {
 #if defined(SPIKECORE_TABLE_SIGMOID)
-  if constexpr (SID == 0) {
-    const vf table = exp2_table();
-    for (; l + VW <= n; l += VW) vstore(sg + l, sigmoid_grad(vload(h + l) - vth, a, table));
-    if (l < n) {  // the tail through a padded vector: the same arithmetic as every other lane
-      alignas(64) float pad[VW] = {};
-      for (int i = 0; i < n - l; ++i) pad[i] = h[l + i];
-      const vf g = sigmoid_grad(vload(pad) - vth, a, table);
-      for (int i = 0; i < n - l; ++i) sg[l + i] = g[i];
-    }
-    return;
-  }
+  if constexpr (SID == 0) return sigmoid_grad(z, a, exp2_table());
 #endif
-  for (; l + VW <= n; l += VW) vstore(sg + l, surrogate<SID>(vload(h + l) - vth, a));
-  for (; l < n; ++l) sg[l] = surrogate<SID>(h[l] - vth, a);
+  return surrogate<SID>(z, a);
 }
 
-inline __attribute__((always_inline)) void surrogate_row(int sid, const float* h, float vth, float a, float* sg, int n) {
-  switch (sid) {
-    case 0: surrogate_row<0>(h, vth, a, sg, n); break;
-    case 1: surrogate_row<1>(h, vth, a, sg, n); break;
-    case 2: surrogate_row<2>(h, vth, a, sg, n); break;
-    case 3: surrogate_row<3>(h, vth, a, sg, n); break;
-    case 4: surrogate_row<4>(h, vth, a, sg, n); break;
-    case 5: surrogate_row<5>(h, vth, a, sg, n); break;
-    case 6: surrogate_row<6>(h, vth, a, sg, n); break;
-    default: surrogate_row<7>(h, vth, a, sg, n); break;
-  }
-}
-
-// Neurons [j0, j0 + n), n <= W, all T steps in reverse; hs: scratch of T x W floats. W = L (a vector: with
-// n == L known at compile time the state arrays live in registers) or kMaxBlock (a tile).
-template <typename scalar_t, bool SOFT, bool DECAY, int W>
-void backward_block(const Params& p, int sid, const scalar_t* __restrict__ x, const scalar_t* __restrict__ gs,
+// One tile: neurons [j0, j0 + n), n <= kMaxBlock, all T steps in reverse; hs: scratch of T x kMaxBlock floats.
+template <typename scalar_t, bool SOFT, bool DECAY, int SID>
+void backward_block(const Params& p, const scalar_t* __restrict__ x, const scalar_t* __restrict__ gs,
                     const float* __restrict__ grad_v, const float* __restrict__ v_init, scalar_t* __restrict__ gx,
                     float* __restrict__ gv_out, float* __restrict__ gtau_out, float* __restrict__ hs, int64_t j0,
                     int n) {
+  constexpr int W = kMaxBlock;
   // Locals, not p's fields: a store could otherwise alias them and stop vectorisation.
   const float vth = p.vth, vr = p.vr, alpha = p.alpha;
   const int64_t T = p.T, N = p.N;
-  // gH = (gS + gV * (cm * (V_reset - H) + ca)) * sg + gV * keep covers the four reset/detach cases.
-  const float cm = (!SOFT && !p.detach) ? 1.f : 0.f;
-  const float ca = (SOFT && !p.detach) ? -vth : 0.f;
-  alignas(64) float v[W], tau[W], carry[W], decay[W], inv_tdiv[W],
-      gtau[W], sg[W], gh[W];
+  alignas(64) float v[W], tau[W], carry[W], decay[W], inv_tdiv[W], gtau[W], gh[W];
   load_tau(p, j0, n, tau);
   for (int l = 0; l < n; ++l) {
     v[l] = v_init ? v_init[j0 + l] : 0.f;
@@ -455,42 +421,60 @@ void backward_block(const Params& p, int sid, const scalar_t* __restrict__ x, co
       v[l] = after_spike<SOFT>(h, vth, vr);
     }
   }
-  for (int64_t t = T - 1; t >= 0; --t) {
-    const float* __restrict__ hr = hs + t * W;
-    const scalar_t* __restrict__ gr = gs + t * N + j0;
-    scalar_t* __restrict__ gxr = gx + t * N + j0;
-    surrogate_row(sid, hr, vth, alpha, sg, n);
-    // In vector types: GCC leaves this loop scalar (a branch on the spike) without AVX-512's masks.
-    int l = 0;
-    for (; l + VW <= n; l += VW) {
-      const vf gv = vload(carry + l), h = vload(hr + l);
-      vf keep = splat(1.f);
-      if constexpr (!SOFT) keep = (h - vth) < 0.f ? keep : splat(0.f);
-      const vf g = (load_row(gr + l) + gv * (cm * (vr - h) + ca)) * vload(sg + l) + gv * keep;
-      vstore(carry + l, g * vload(decay + l));
-      vstore(gh + l, g);
-      store_row(gxr + l, g * vload(inv_tdiv + l));
-    }
-    for (; l < n; ++l) {
-      const float gv = carry[l];
-      const float keep = (SOFT || (hr[l] - vth) < 0.f) ? 1.f : 0.f;
-      const float g = (to_f(gr[l]) + gv * (cm * (vr - hr[l]) + ca)) * sg[l] + gv * keep;
-      carry[l] = g * decay[l];
-      gh[l] = g;
-      gxr[l] = scalar_t(g * inv_tdiv[l]);
-    }
-    if (gtau_out) {
-      // dH/dtau = -(X - (V_prev - V_reset)) / tau^2 (decay_input) or (V_prev - V_reset) / tau^2.
-      const scalar_t* xr = x + t * N + j0;
-      for (int l = 0; l < n; ++l) {
-        const float vp = t > 0 ? after_spike<SOFT>(hs[(t - 1) * W + l], vth, vr)
-                               : (v_init ? v_init[j0 + l] : 0.f);
-        const float t2 = tau[l] * tau[l];
-        const float dh = DECAY ? -(to_f(xr[l]) - (vp - vr)) / t2 : (vp - vr) / t2;
-        gtau[l] += gh[l] * dh;
+  // gH of VW lanes from H, gS and the carried gV: gH = (gS + gV dV/dS) sg + gV dV/dH, where V = H - S V_th
+  // (soft reset) or H (1 - S) + S V_reset (hard); dV/dS is -V_th or V_reset - H, and 0 with the reset
+  // detached; dV/dH is 1 (soft) or 1 - S (hard).
+  auto grad_h = [&](auto detach_c, vf h, vf g_s, vf g_v) __attribute__((always_inline)) {
+    constexpr bool DETACH = decltype(detach_c)::value;
+    const vf z = h - vth;
+    vf through_s = g_s;
+    if constexpr (!DETACH) through_s = SOFT ? g_s - g_v * vth : g_s + g_v * (vr - h);
+    const vf through_h = SOFT ? g_v : (z < 0.f ? g_v : splat(0.f));
+    return through_s * surrogate_vec<SID>(z, alpha) + through_h;
+  };
+  // The reverse walk, compiled once per reset-detach choice: with the reset detached the gradient through S
+  // is gS alone (5-10% faster backward than one body for both).
+  auto reverse = [&](auto detach_c) __attribute__((always_inline)) {
+    for (int64_t t = T - 1; t >= 0; --t) {
+      const float* __restrict__ hr = hs + t * W;
+      const scalar_t* __restrict__ gr = gs + t * N + j0;
+      scalar_t* __restrict__ gxr = gx + t * N + j0;
+      int l = 0;
+      for (; l + VW <= n; l += VW) {
+        const vf g = grad_h(detach_c, vload(hr + l), load_row(gr + l), vload(carry + l));
+        vstore(carry + l, g * vload(decay + l));
+        if (gtau_out) vstore(gh + l, g);
+        store_row(gxr + l, g * vload(inv_tdiv + l));
+      }
+      if (l < n) {  // the tail through padded vectors: the same arithmetic as every other lane
+        alignas(64) float h_pad[VW] = {}, gs_pad[VW] = {}, gv_pad[VW] = {};
+        for (int i = 0; i < n - l; ++i) {
+          h_pad[i] = hr[l + i];
+          gs_pad[i] = to_f(gr[l + i]);
+          gv_pad[i] = carry[l + i];
+        }
+        const vf g = grad_h(detach_c, vload(h_pad), vload(gs_pad), vload(gv_pad));
+        for (int i = 0; i < n - l; ++i) {
+          carry[l + i] = g[i] * decay[l + i];
+          gh[l + i] = g[i];
+          gxr[l + i] = scalar_t(g[i] * inv_tdiv[l + i]);
+        }
+      }
+      if (gtau_out) {
+        // dH/dtau = -(X - (V_prev - V_reset)) / tau^2 (decay_input) or (V_prev - V_reset) / tau^2.
+        const scalar_t* xr = x + t * N + j0;
+        for (int l = 0; l < n; ++l) {
+          const float vp = t > 0 ? after_spike<SOFT>(hs[(t - 1) * W + l], vth, vr)
+                                 : (v_init ? v_init[j0 + l] : 0.f);
+          const float t2 = tau[l] * tau[l];
+          const float dh = DECAY ? -(to_f(xr[l]) - (vp - vr)) / t2 : (vp - vr) / t2;
+          gtau[l] += gh[l] * dh;
+        }
       }
     }
-  }
+  };
+  if (p.detach) reverse(std::true_type{});
+  else reverse(std::false_type{});
   for (int l = 0; l < n; ++l) gv_out[j0 + l] = carry[l];
   if (gtau_out) {
     for (int l = 0; l < n; ++l) gtau_out[j0 + l] = gtau[l];
@@ -518,6 +502,21 @@ inline void advise_huge_pages(const torch::Tensor& t) {
 #endif
 }
 
+// Calls f(std::integral_constant<int, SID>) for the surrogate id (ids follow surrogate.py).
+template <typename F>
+void dispatch_surrogate(int sid, F&& f) {
+  switch (sid) {
+    case 0: f(std::integral_constant<int, 0>{}); break;
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    default: f(std::integral_constant<int, 7>{}); break;
+  }
+}
+
 // Calls f(std::bool_constant<SOFT>, std::bool_constant<DECAY>) for the runtime flags.
 template <typename F>
 void dispatch_flags(bool soft, bool decay_input, F&& f) {
@@ -533,7 +532,7 @@ Params make_params(const torch::Tensor& x, const c10::optional<torch::Tensor>& t
                 float(v_reset), soft, decay_input, detach, float(alpha)};
 }
 
-// Tiles or vectors per parallel task: at least 8192 neurons, so that small layers stay on one thread.
+// Tiles per parallel task: at least 8192 neurons, so that small layers stay on one thread.
 inline int64_t grain(int block) { return std::max<int64_t>(1, 8192 / block); }
 
 // float32, float16 and bfloat16 only (AT_DISPATCH_FLOATING_TYPES would also build float64, never used).
@@ -596,29 +595,17 @@ void lif_bwd(torch::Tensor grad_s, c10::optional<torch::Tensor> grad_v, torch::T
     scalar_t* gxp = grad_x.data_ptr<scalar_t>();
     dispatch_flags(soft, decay_input, [&](auto soft_c, auto decay_c) {
       constexpr bool SOFT = decltype(soft_c)::value, DECAY = decltype(decay_c)::value;
-      if (p.T >= kMinTilesT) {
+      dispatch_surrogate(sid, [&](auto sid_c) {
+        constexpr int SID = decltype(sid_c)::value;
         const int block = block_size(p.T);
         at::parallel_for(0, (p.N + block - 1) / block, grain(block), [&](int64_t b0, int64_t b1) {
           std::vector<float> hs(p.T * kMaxBlock);  // H of one tile for every step, in L1/L2
           for (int64_t b = b0; b < b1; ++b) {
             const int64_t j0 = b * block;
             const int n = int(std::min<int64_t>(block, p.N - j0));
-            backward_block<scalar_t, SOFT, DECAY, kMaxBlock>(p, sid, xp, gp, gv, v0, gxp, gvo, gtau, hs.data(), j0, n);
+            backward_block<scalar_t, SOFT, DECAY, SID>(p, xp, gp, gv, v0, gxp, gvo, gtau, hs.data(), j0, n);
           }
         });
-        return;
-      }
-      at::parallel_for(0, (p.N + L - 1) / L, grain(L), [&](int64_t b0, int64_t b1) {
-        std::vector<float> hs(p.T * L);  // H of one vector for every step: T * 128 bytes, in L1
-        for (int64_t b = b0; b < b1; ++b) {
-          const int64_t j0 = b * L;
-          const int n = int(std::min<int64_t>(L, p.N - j0));
-          if (n == L) {
-            backward_block<scalar_t, SOFT, DECAY, L>(p, sid, xp, gp, gv, v0, gxp, gvo, gtau, hs.data(), j0, L);
-          } else {
-            backward_block<scalar_t, SOFT, DECAY, L>(p, sid, xp, gp, gv, v0, gxp, gvo, gtau, hs.data(), j0, n);
-          }
-        }
       });
     });
   });
