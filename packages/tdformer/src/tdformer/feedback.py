@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from spikecore import BACKBONE_NEURON, LIF, NeuronConfig
-from spikecore.neuron.config import UNSET, neuron_from
+from spikecore.neuron.config import UNSET, neuron_from, neuron_keywords
 
 CONTROLS = {"cm1": "k_extra", "cm2": "v_extra", "cm3": "x_extra"}
 CHANNEL_MIXERS = ("depthwise", "dense", "none")
@@ -84,16 +84,7 @@ class ProcessingModule(nn.Module):
         stateful: bool = False,
     ):
         super().__init__()
-        loose = dict(
-            tau=tau,
-            v_threshold=v_threshold,
-            v_reset=v_reset,
-            detach_reset=detach_reset,
-            surrogate=surrogate,
-            alpha=alpha,
-            backend=backend,
-        )
-        self.neuron = neuron_from(neuron, loose, BACKBONE_NEURON, "ProcessingModule()")
+        self.neuron = neuron_from(neuron, neuron_keywords(locals()), BACKBONE_NEURON, "ProcessingModule()")
         if channel_mixer not in CHANNEL_MIXERS:
             raise ValueError(
                 f"channel_mixer must be one of {', '.join(CHANNEL_MIXERS)}, got {channel_mixer!r}"

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ..neuron.config import ATTENTION_NEURON, UNSET, NeuronConfig, neuron_from
+from ..neuron.config import ATTENTION_NEURON, UNSET, NeuronConfig, neuron_from, neuron_keywords
 from ..neuron.ops import _FUSED_DTYPES, BACKENDS, lif_multi_step
 from ..neuron.surrogate import resolve
 
@@ -105,15 +105,7 @@ def ssa(
     """
     if order not in SSA_ORDERS:
         raise ValueError(f"order must be one of {SSA_ORDERS}, got {order!r}")
-    loose = dict(
-        tau=tau,
-        v_threshold=v_threshold,
-        detach_reset=detach_reset,
-        surrogate=surrogate,
-        alpha=alpha,
-        backend=backend,
-    )
-    neuron = _attention_neuron(neuron, loose, "ssa()")
+    neuron = _attention_neuron(neuron, neuron_keywords(locals()), "ssa()")
     _check_same("k", k, q)
     _check_same("v", v, q)
     qh, kh, vh = split_heads(q, heads), split_heads(k, heads), split_heads(v, heads)  # [T, B, H, d, N]
@@ -173,16 +165,7 @@ def sdsa(
     launch, without the full-size ``K * V`` temporary; one launch for the backward too. A callable
     ``neuron`` always takes the PyTorch path.
     """
-    loose = dict(
-        tau=tau,
-        v_threshold=v_threshold,
-        v_reset=v_reset,
-        detach_reset=detach_reset,
-        surrogate=surrogate,
-        alpha=alpha,
-        backend=backend,
-    )
-    neuron = _attention_neuron(neuron, loose, "sdsa()")
+    neuron = _attention_neuron(neuron, neuron_keywords(locals()), "sdsa()")
     _check_same("k", k, q)
     _check_same("v", v, q)
     split_heads(q, heads)
@@ -252,15 +235,7 @@ def qkta(
     ``A`` is a token mask ``[T, B, heads, 1, N]`` broadcast over the head's channels. Returns ``Y``
     ``[T, B, C, N]`` (post-LIF), heads concatenated on channels.
     """
-    loose = dict(
-        tau=tau,
-        v_threshold=v_threshold,
-        detach_reset=detach_reset,
-        surrogate=surrogate,
-        alpha=alpha,
-        backend=backend,
-    )
-    neuron = _attention_neuron(neuron, loose, "qkta()")
+    neuron = _attention_neuron(neuron, neuron_keywords(locals()), "qkta()")
     _check_same("k", k, q)
     qh, kh = split_heads(q, heads), split_heads(k, heads)
     a = _attn_lif(qh.sum(dim=3, keepdim=True), neuron)
@@ -283,15 +258,7 @@ def qkca(
 
     Per channel, so heads play no role. Returns ``Y`` ``[T, B, C, N]`` (post-LIF).
     """
-    loose = dict(
-        tau=tau,
-        v_threshold=v_threshold,
-        detach_reset=detach_reset,
-        surrogate=surrogate,
-        alpha=alpha,
-        backend=backend,
-    )
-    neuron = _attention_neuron(neuron, loose, "qkca()")
+    neuron = _attention_neuron(neuron, neuron_keywords(locals()), "qkca()")
     _check_same("k", k, q)
     split_heads(q, 1)
     a = _attn_lif(q.sum(dim=-1, keepdim=True), neuron)
@@ -318,15 +285,7 @@ def ff_lidiff(
     ``[T, B, heads, 1, N]``; ``Y = A * K``. Only tokens whose first half out-fires the second pass.
     ``d`` must be even. Returns ``Y`` ``[T, B, C, N]`` (post-LIF).
     """
-    loose = dict(
-        tau=tau,
-        v_threshold=v_threshold,
-        detach_reset=detach_reset,
-        surrogate=surrogate,
-        alpha=alpha,
-        backend=backend,
-    )
-    neuron = _attention_neuron(neuron, loose, "ff_lidiff()")
+    neuron = _attention_neuron(neuron, neuron_keywords(locals()), "ff_lidiff()")
     _check_same("k", k, q)
     qh, kh = split_heads(q, heads), split_heads(k, heads)
     d = qh.shape[3]

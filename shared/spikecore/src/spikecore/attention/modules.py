@@ -30,7 +30,7 @@ reset to 0, detached reset, sigmoid surrogate), is every LIF of the module; the 
 import torch
 from torch import nn
 
-from ..neuron.config import BACKBONE_NEURON, UNSET, NeuronConfig, neuron_from
+from ..neuron.config import BACKBONE_NEURON, UNSET, NeuronConfig, neuron_from, neuron_keywords
 from ..neuron.module import LIF
 from . import functional as F
 
@@ -71,15 +71,9 @@ class _SpikingAttention(nn.Module):
         self.dim = dim
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        loose = dict(
-            tau=tau,
-            v_threshold=v_threshold,
-            detach_reset=detach_reset,
-            surrogate=surrogate,
-            alpha=alpha,
-            backend=backend,
+        self.neuron = neuron_from(
+            neuron, neuron_keywords(locals()), BACKBONE_NEURON, f"{type(self).__name__}()"
         )
-        self.neuron = neuron_from(neuron, loose, BACKBONE_NEURON, f"{type(self).__name__}()")
         self.attn_v_threshold = attn_v_threshold
         self.stateful = stateful
         for name in self.branches:

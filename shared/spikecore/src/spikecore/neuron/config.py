@@ -34,6 +34,8 @@ __all__ = [
     "UNSET",
     "NeuronConfig",
     "neuron_from",
+    "neuron_keywords",
+    "neuron_options",
 ]
 
 BACKENDS = ("auto", "triton", "cpu", "torch")
@@ -166,6 +168,13 @@ ATTENTION_NEURON = NeuronConfig(v_threshold=0.5, detach_reset=True)
 """The attention functions' neuron (:mod:`spikecore.attention.functional`) when none is given."""
 
 
+def neuron_keywords(scope: Mapping[str, Any]) -> dict[str, Any]:
+    """The older neuron keyword arguments of a call, by their NeuronConfig names, from ``locals()`` taken
+    first thing in the function (its parameters, before any is rebound): the ``loose`` of
+    :func:`neuron_from`. A function that takes only some of the settings as keywords gives only those."""
+    return {name: scope[name] for name in NEURON_FIELDS if name in scope}
+
+
 def neuron_from(
     neuron: "NeuronConfig | Mapping[str, Any] | None",
     loose: Mapping[str, Any],
@@ -185,3 +194,14 @@ def neuron_from(
             f"inside neuron=NeuronConfig(...) (e.g. neuron.replace({min(given)}=...)) or as keywords alone"
         )
     return NeuronConfig.coerce(neuron)
+
+
+def neuron_options(
+    neuron: "NeuronConfig | Mapping[str, Any] | None", loose: Mapping[str, Any], where: str
+) -> dict:
+    """lif_multi_step's and LIF's settings as a dict from either spelling. The keyword spelling's values
+    are passed on as given (unset ones take :data:`DEFAULT_NEURON`'s), for the op's own checks and messages,
+    as before NeuronConfig existed; ``neuron=`` goes through :func:`neuron_from`."""
+    if neuron is None:
+        return {k: getattr(DEFAULT_NEURON, k) if v is UNSET else v for k, v in loose.items()}
+    return neuron_from(neuron, loose, where=where).to_dict()

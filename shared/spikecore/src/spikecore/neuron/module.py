@@ -5,7 +5,7 @@ import math
 import torch
 from torch import nn
 
-from .config import DEFAULT_NEURON, UNSET, NeuronConfig, neuron_from
+from .config import UNSET, NeuronConfig, neuron_keywords, neuron_options
 from .ops import BACKENDS, _lif_multi_step, lif_multi_step
 
 
@@ -47,20 +47,7 @@ class LIF(nn.Module):
         neuron: NeuronConfig | None = None,
     ):
         super().__init__()
-        loose = dict(
-            tau=tau,
-            v_threshold=v_threshold,
-            v_reset=v_reset,
-            decay_input=decay_input,
-            detach_reset=detach_reset,
-            surrogate=surrogate,
-            alpha=alpha,
-            backend=backend,
-        )
-        if neuron is None:  # the keyword spelling, checked below exactly as before
-            options = {k: getattr(DEFAULT_NEURON, k) if v is UNSET else v for k, v in loose.items()}
-        else:
-            options = neuron_from(neuron, loose, where="LIF()").to_dict()
+        options = neuron_options(neuron, neuron_keywords(locals()), "LIF()")
         tau, v_threshold, v_reset = options["tau"], options["v_threshold"], options["v_reset"]
         decay_input, detach_reset = options["decay_input"], options["detach_reset"]
         surrogate, alpha, backend = options["surrogate"], options["alpha"], options["backend"]

@@ -21,7 +21,7 @@ import os
 
 import torch
 
-from .config import BACKENDS, DEFAULT_NEURON, UNSET, NeuronConfig, neuron_from
+from .config import BACKENDS, UNSET, NeuronConfig, neuron_keywords, neuron_options
 from .reference import check_tau_shape, lif_reference
 from .surrogate import resolve
 
@@ -302,20 +302,7 @@ def lif_multi_step(
     ``torch.compile`` and functorch transforms, where tensors have no values yet. ``spikecore.LIF`` with
     ``learnable_tau`` skips it: its ``tau = 1 / sigmoid(w)`` is >= 1 for every non-NaN ``w`` by construction.
     """
-    loose = dict(
-        tau=tau,
-        v_threshold=v_threshold,
-        v_reset=v_reset,
-        decay_input=decay_input,
-        detach_reset=detach_reset,
-        surrogate=surrogate,
-        alpha=alpha,
-        backend=backend,
-    )
-    if neuron is None:  # the keyword spelling, checked by _lif_multi_step exactly as before
-        options = {k: getattr(DEFAULT_NEURON, k) if v is UNSET else v for k, v in loose.items()}
-    else:
-        options = neuron_from(neuron, loose, where="lif_multi_step()").to_dict()
+    options = neuron_options(neuron, neuron_keywords(locals()), "lif_multi_step()")
     return _lif_multi_step(x, v_init, **options, store_v_seq=store_v_seq, check_tau_values=True)
 
 
