@@ -238,6 +238,8 @@ def save(name: str, device: str, rows: list[dict], write: bool = True, **extra) 
     results/README.md."""
     doc = {**header(device), **extra, "rows": rows}
     print(f"\n{name} ({device}): {machine_line(doc)}\n{table(rows)}")
+    for title, extra_rows in doc.get("tables", {}).items():
+        print(f"\n{title}\n{table(extra_rows)}")
     if not write:
         return None
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -262,6 +264,8 @@ def write_readme() -> Path:
         if doc.get("legend"):
             parts += [doc["legend"], ""]
         parts.append(table(doc["rows"]))
+        for title, extra_rows in doc.get("tables", {}).items():  # further tables of the same run
+            parts += ["", f"{title}:", "", table(extra_rows)]
     out = RESULTS / "README.md"
     out.write_text("\n".join(parts) + "\n")
     return out

@@ -26,6 +26,10 @@ forward+backward above the inputs; ``faults_*`` (CPU): minor page faults per for
 maps every allocation of 32 MiB or more afresh (its mmap threshold stops growing there), so from T = 8 at
 2^20 fp32 neurons each new output is faulted in page by page, for every contender alike; see the README's
 note on allocators.
+
+On CPU a second table times the kernels alone: one thread, 65,536 neuron-steps in cache, ns per
+neuron-step of the C++ kernels' forward and backward ops for each ISA build (``kernel_rows``). It moves by
+a few percent between runs where the 2^20-neuron rows move by 20-30% with the bandwidth a shared VM gets.
 """
 
 import argparse
@@ -60,6 +64,12 @@ LEGEND = (
     "saved_B = bytes saved for backward per neuron-step (saved_tensors_hooks); peak = CUDA peak "
     "MiB of one fwd+bwd; faults = minor page faults per fwd+bwd (CPU; allocations of 32 MiB and more are "
     "mapped afresh by glibc on every call)."
+)
+
+
+KERNEL_TABLE = (
+    "In-cache C++ kernels, 1 thread, ns per neuron-step (T x N = 65,536; sigmoid surrogate, tau 2, detached "
+    "reset), per ISA build (native, avx2, sse4 as above), min over 30 interleaved rounds"
 )
 
 
@@ -228,6 +238,56 @@ def headline_repeats(fns: dict, dev: str, n: int, args) -> dict:
     }
 
 
+# In-cache kernel configs: (T, dtype); N is chosen so that T x N = 65,536 neuron-steps.
+KERNEL_CONFIGS = ((4, torch.float32), (4, torch.bfloat16), (4, torch.float16), (16, torch.float32))
+
+
+def kernel_rows(reps: int = 30, calls: int = 20) -> list[dict]:
+    """One thread, data in cache: ns per neuron-step of the C++ kernels' forward and backward ops, called
+    directly on preallocated outputs (no autograd, no allocation), for each ISA build that runs here, min
+    over ``reps`` interleaved rounds of ``calls`` calls. 65,536 neuron-steps: inputs and outputs fit a 1 MiB
+    L2. The 2^20-neuron rows depend as much on the memory bandwidth a shared VM gets in the run as on the
+    kernels; these move by a few percent from run to run, so they show what a kernel change did."""
+    from spikecore.neuron.surrogate import SURROGATES
+
+    builds = {isa: _cpu_cpp._build(False, isa) for isa in _cpu_cpp.available_isas()}
+    builds = {isa: ext for isa, ext in builds.items() if ext is not None}
+    sg = SURROGATES["sigmoid"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rows = []
+    try:
+        for T, dtype in KERNEL_CONFIGS:
+            N = 65_536 // T
+            x = (torch.randn(T, N) * 1.5 + 1.0).to(dtype)
+            g = torch.randn(T, N).to(dtype)
+            s, gx, v, gv = torch.empty_like(x), torch.empty_like(x), torch.empty(N), torch.empty(N)
+
+            # tau 2, V_th 1, V_reset 0, hard reset, decay_input; backward: detached reset, the sigmoid
+            fwd_args = (x, None, None, 2.0, 1.0, 0.0, False, True, s, v, None)
+            bwd_args = (g, None, x, None, None, 2.0, 1.0, 0.0, False, True, True, sg.id, sg.default_alpha)
+            bwd_args += (gx, gv, None)
+            best = {(p, isa): float("inf") for p in ("fwd", "bwd") for isa in builds}
+            for _ in range(reps):
+                for isa, ext in builds.items():
+                    calls_of = {"fwd": functools.partial(ext.lif_fwd, *fwd_args)}
+                    calls_of["bwd"] = functools.partial(ext.lif_bwd, *bwd_args)
+                    for p, fn in calls_of.items():
+                        fn()
+                        start = time.perf_counter()
+                        for _ in range(calls):
+                            fn()
+                        ns = (time.perf_counter() - start) / calls / (T * N) * 1e9
+                        best[p, isa] = min(best[p, isa], ns)
+            for p in ("fwd", "bwd"):
+                row = {"T": T, "N": N, "dtype": str(dtype).removeprefix("torch."), "pass": p}
+                row.update({f"{isa}_ns": round(best[p, isa], 3) for isa in builds})
+                rows.append(row)
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
 def transparent_hugepage() -> str | None:
     """Linux's THP mode (always / madvise / never): whether the kernels' huge-page advice takes effect."""
     try:
@@ -277,6 +337,9 @@ def main(argv=None) -> None:
         if r["pass"] == "fwd+bwd":
             r["sj_impl"] = sj_impl_name(dev)
     repeats = headline_repeats(fns, dev, N if dev == "cpu" else (2**12 if args.quick else 4_194_304), args)
+    tables = {}
+    if dev == "cpu":
+        tables[KERNEL_TABLE] = kernel_rows(reps=3 if args.quick else 30)
     save(
         "lif",
         dev,
@@ -287,6 +350,7 @@ def main(argv=None) -> None:
         ours_first_call_s=round(first_call_s, 2),
         legend=LEGEND,
         **repeats,
+        **({"tables": tables} if tables else {}),
     )
 
 
