@@ -52,15 +52,35 @@ def _cpu_fn(x, v0, **kw):
 
 @pytest.mark.parametrize("N", [1, 37, 1001, 70_001])
 @pytest.mark.parametrize("T", [1, 4, 33])
-def test_shapes_fp32_match_reference_exactly(T, N):
+@pytest.mark.parametrize(("tau", "decay_input"), [(1.7, True), (2.0, True), (4.0, False)])
+def test_shapes_fp32_match_reference_exactly(T, N, tau, decay_input):
+    """tau 1.7 divides; a power of two multiplies by its (exact) reciprocal, which must not change a bit."""
     x, v0, gs, gv = _inputs(T, N)
-    kw = dict(tau=1.7, v_reset=-0.1, detach_reset=False, surrogate="sigmoid")
-    (s, v), (gx, gv0, _) = _run(_cpu_fn, x, v0, kw.pop("tau"), gs, gv, **kw)
-    (rs, rv), (rgx, rgv0, _) = _run(lif_reference, x, v0, 1.7, gs, gv, **kw)
+    kw = dict(v_reset=-0.1, detach_reset=False, surrogate="sigmoid", decay_input=decay_input)
+    (s, v), (gx, gv0, _) = _run(_cpu_fn, x, v0, tau, gs, gv, **kw)
+    (rs, rv), (rgx, rgv0, _) = _run(lif_reference, x, v0, tau, gs, gv, **kw)
     assert torch.equal(s, rs)  # same float32 operation order: bit-identical spikes and membrane
     assert torch.equal(v, rv)
     torch.testing.assert_close(gx, rgx, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gv0, rgv0, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tau", [2.0, 0.5, 2.0**20])
+@pytest.mark.parametrize("decay_input", [True, False])
+def test_power_of_two_tau_is_bit_identical_down_to_subnormals(tau, decay_input):
+    """A power-of-two tau is applied as a multiply by 1 / tau: the same real number as the reference's
+    division, so the same float, subnormal results and their rounding included (an FMA the compiler fused
+    would round those differently)."""
+    g = torch.Generator().manual_seed(5)
+    T, N = 6, 1003
+    scale = torch.tensor([1e-44, 1e-40, 1e-38, 1e-30, 1.0, 1e30]).repeat_interleave(N // 6 + 1)[:N]
+    x = torch.randn(T, N, generator=g) * scale
+    v0 = torch.randn(N, generator=g) * scale
+    kw = dict(tau=tau, v_threshold=float(scale.max()), v_reset=0.0, decay_input=decay_input)
+    s, v = lif_multi_step(x, v0, backend="cpu", **kw)
+    rs, rv = lif_reference(x, v0, **kw)
+    assert (v.abs() < 1.17549435e-38).any() and (v != 0).any()  # subnormals do occur
+    assert torch.equal(s, rs) and torch.equal(v, rv)
 
 
 @pytest.mark.parametrize("T", [5, 12])  # the backward's vector and tile walks

@@ -277,6 +277,32 @@ inline __attribute__((always_inline)) V charge(V v, V x, V tau, float vr) {
   else return (v - (v - vr) / tau) + x;
 }
 
+// The same for a shared tau that is a power of two, by its reciprocal: x / tau and x * (1 / tau) are then the
+// same real number (1 / tau is exact), so the same float, and a multiply takes the divider off the row (AMD
+// Zen 3, AVX2, in cache: forward 12% faster; no change on an Intel Xeon).
+// The product is kept out of the compiler's reach: GCC contracts a * b + c into an FMA by default, which
+// rounds a product in the subnormal range differently from the division. Only where the register constraint
+// is known (x86, arm64); elsewhere the rows keep the division.
+#if defined(__x86_64__) || defined(__aarch64__)
+constexpr bool kPow2Multiply = true;
+inline __attribute__((always_inline)) vf unfused(vf a) {
+#if defined(__x86_64__)
+  __asm__("" : "+x"(a));
+#else
+  __asm__("" : "+w"(a));
+#endif
+  return a;
+}
+#else
+constexpr bool kPow2Multiply = false;
+inline __attribute__((always_inline)) vf unfused(vf a) { return a; }
+#endif
+template <bool DECAY>
+inline __attribute__((always_inline)) vf charge_pow2(vf v, vf x, float inv_tau, float vr) {
+  if constexpr (DECAY) return v + unfused((x - (v - vr)) * inv_tau);
+  else return (v - unfused((v - vr) * inv_tau)) + x;
+}
+
 // V after the step: the reset value if it fired, else H.
 template <bool SOFT>
 inline float after_spike(float h, float vth, float vr) {
@@ -311,7 +337,26 @@ struct Params {
   float tau, vth, vr;
   bool soft, decay_input, detach;
   float alpha;
+  bool tau_pow2;  // no tau_arr, and tau a power of two with a normal reciprocal: charge_pow2 is exact
 };
+
+inline bool exact_reciprocal(float tau) {
+  int e;
+  return kPow2Multiply && tau > 0.f && std::isfinite(tau) && std::frexp(tau, &e) == 0.5f && std::isnormal(1.f / tau);
+}
+
+// H of a row's vector lanes: h_of(l) for lanes [l, l + VW), by charge_pow2 or by charge.
+template <bool DECAY, typename scalar_t, typename F>
+inline __attribute__((always_inline)) void charge_rows(const Params& p, const float* v, const scalar_t* xr,
+                                                       const float* tau, int n, F&& use) {
+  const float vr = p.vr, inv_tau = 1.f / p.tau;
+  int l = 0;
+  if (p.tau_pow2) {
+    for (; l + VW <= n; l += VW) use(l, charge_pow2<DECAY>(vload(v + l), load_row(xr + l), inv_tau, vr));
+  } else {
+    for (; l + VW <= n; l += VW) use(l, charge<DECAY>(vload(v + l), load_row(xr + l), vload(tau + l), vr));
+  }
+}
 
 // Lanes [j0, j0 + n) of one tile: tau per lane.
 inline void load_tau(const Params& p, int64_t j0, int n, float* tau) {
@@ -332,13 +377,11 @@ void forward_block(const Params& p, const scalar_t* __restrict__ x, const float*
   for (int64_t t = 0; t < T; ++t) {
     const scalar_t* __restrict__ xr = x + t * N + j0;
     scalar_t* __restrict__ sr = s + t * N + j0;
-    int l = 0;
-    for (; l + VW <= n; l += VW) {
-      const vf h = charge<DECAY>(vload(v + l), load_row(xr + l), vload(tau + l), vr);
+    charge_rows<DECAY>(p, v, xr, tau, n, [&](int l, vf h) __attribute__((always_inline)) {
       store_spikes(sr + l, h, vth);
       vstore(v + l, after_spike<SOFT>(h, vth, vr));
-    }
-    for (; l < n; ++l) {
+    });
+    for (int l = n / VW * VW; l < n; ++l) {
       const float h = charge<DECAY>(v[l], to_f(xr[l]), tau[l], vr);
       sr[l] = scalar_t((h - vth) >= 0.f ? 1.f : 0.f);
       v[l] = after_spike<SOFT>(h, vth, vr);
@@ -465,13 +508,11 @@ void backward_block(const Params& p, const scalar_t* __restrict__ x, const scala
   for (int64_t t = 0; t < T; ++t) {
     const scalar_t* __restrict__ xr = x + t * N + j0;
     float* __restrict__ hr = hs + t * W;
-    int l = 0;
-    for (; l + VW <= n; l += VW) {
-      const vf h = charge<DECAY>(vload(v + l), load_row(xr + l), vload(tau + l), vr);
+    charge_rows<DECAY>(p, v, xr, tau, n, [&](int l, vf h) __attribute__((always_inline)) {
       vstore(hr + l, h);
       vstore(v + l, after_spike<SOFT>(h, vth, vr));
-    }
-    for (; l < n; ++l) {
+    });
+    for (int l = n / VW * VW; l < n; ++l) {
       const float h = charge<DECAY>(v[l], to_f(xr[l]), tau[l], vr);
       hr[l] = h;
       v[l] = after_spike<SOFT>(h, vth, vr);
@@ -592,7 +633,7 @@ void dispatch_flags(bool soft, bool decay_input, F&& f) {
 Params make_params(const torch::Tensor& x, const c10::optional<torch::Tensor>& tau_t, double tau, double v_th,
                    double v_reset, bool soft, bool decay_input, bool detach, double alpha) {
   return Params{x.size(0), x.size(1), tau_t ? tau_t->data_ptr<float>() : nullptr, float(tau), float(v_th),
-                float(v_reset), soft, decay_input, detach, float(alpha)};
+                float(v_reset), soft, decay_input, detach, float(alpha), !tau_t && exact_reciprocal(float(tau))};
 }
 
 // Tiles per parallel task: at least 8192 neurons, so that small layers stay on one thread.
