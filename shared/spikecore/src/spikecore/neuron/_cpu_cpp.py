@@ -1,7 +1,7 @@
 """Build (once per machine, on first use) and load the C++ CPU kernels in ``_cpu_kernels.cpp``.
 
 torch's extension loader compiles the file with the machine's C++ compiler and caches the library under
-``~/.cache/torch_extensions`` (``TORCH_EXTENSIONS_DIR`` moves it): about 50-70 s the first time, a fraction
+``~/.cache/torch_extensions`` (``TORCH_EXTENSIONS_DIR`` moves it): about 50-100 s the first time, a fraction
 of a second after that. Where no compiler (or no ninja) is at hand the build fails once, a warning says so,
 and ``_cpu`` falls back to its numba kernels.
 """
