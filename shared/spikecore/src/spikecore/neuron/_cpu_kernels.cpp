@@ -279,7 +279,7 @@ inline __attribute__((always_inline)) V charge(V v, V x, V tau, float vr) {
 
 // The same for a shared tau that is a power of two, by its reciprocal: x / tau and x * (1 / tau) are then the
 // same real number (1 / tau is exact), so the same float, and a multiply takes the divider off the row (AMD
-// Zen 3, AVX2, in cache: forward 12% faster; no change on an Intel Xeon).
+// Zen 3, AVX2, in cache: forward 7-9% faster; no change on an Intel Xeon).
 // The product is kept out of the compiler's reach: GCC contracts a * b + c into an FMA by default, which
 // rounds a product in the subnormal range differently from the division. Only where the register constraint
 // is known (x86, arm64); elsewhere the rows keep the division.
@@ -342,10 +342,11 @@ struct Params {
 
 inline bool exact_reciprocal(float tau) {
   int e;
-  return kPow2Multiply && tau > 0.f && std::isfinite(tau) && std::frexp(tau, &e) == 0.5f && std::isnormal(1.f / tau);
+  return kPow2Multiply && tau > 0.f && std::isfinite(tau) && std::frexp(tau, &e) == 0.5f &&
+         std::isnormal(1.f / tau);
 }
 
-// H of a row's vector lanes: h_of(l) for lanes [l, l + VW), by charge_pow2 or by charge.
+// Calls use(l, H) for each vector of a row's lanes [l, l + VW), H by charge_pow2 or by charge.
 template <bool DECAY, typename scalar_t, typename F>
 inline __attribute__((always_inline)) void charge_rows(const Params& p, const float* v, const scalar_t* xr,
                                                        const float* tau, int n, F&& use) {
@@ -399,10 +400,10 @@ void forward_block(const Params& p, const scalar_t* __restrict__ x, const float*
 // 2^(j/VW) from a VW-entry table (one variable shuffle: vpermps on AVX2 and AVX-512, tbl on NEON; the table
 // holds its bits minus j << (23 - log2 VW), so that adding k << (23 - log2 VW) also puts floor(k / VW) into
 // the exponent), e^r by a short polynomial (|r| <= ln2 / (2 VW): for 8 lanes a cubic fitted on that
-// interval (relative error 2.6e-8) in Estrin's form, a shorter dependency chain than Horner's; Taylor's
-// cubic for 16 lanes, error < 1e-8), and on AVX-512 the reciprocal by rcp and one Newton step instead of a division. Within a few
-// ulp of float64 over the whole range (tested). Compilers without a variable vector shuffle (Clang) use
-// exp_poly and a division.
+// interval, relative error 2.6e-8, in Estrin's form, a shorter dependency chain than Horner's; Taylor's
+// cubic for 16 lanes, error < 1e-8), and on AVX-512 the reciprocal by rcp and one Newton step instead of a
+// division. Within a few ulp of float64 over the whole range (tested). Compilers without a variable vector
+// shuffle (Clang) use exp_poly and a division.
 #if defined(__GNUC__) && !defined(__clang__) && !defined(SPIKECORE_PORTABLE_SIGMOID)
 #define SPIKECORE_TABLE_SIGMOID 1
 
@@ -557,7 +558,8 @@ void backward_block(const Params& p, const scalar_t* __restrict__ x, const scala
           gs_pad[i] = to_f(gr[l + i]);
           gv_pad[i] = carry[l + i];
         }
-        const vf g = grad_h(detach_c, vload(h_pad), vload(gs_pad), vload(gv_pad), surrogate_vec<SID>(vload(h_pad) - vth, alpha));
+        const vf h = vload(h_pad);
+        const vf g = grad_h(detach_c, h, vload(gs_pad), vload(gv_pad), surrogate_vec<SID>(h - vth, alpha));
         for (int i = 0; i < n - l; ++i) {
           carry[l + i] = g[i] * decay[l + i];
           gh[l + i] = g[i];
@@ -633,7 +635,8 @@ void dispatch_flags(bool soft, bool decay_input, F&& f) {
 Params make_params(const torch::Tensor& x, const c10::optional<torch::Tensor>& tau_t, double tau, double v_th,
                    double v_reset, bool soft, bool decay_input, bool detach, double alpha) {
   return Params{x.size(0), x.size(1), tau_t ? tau_t->data_ptr<float>() : nullptr, float(tau), float(v_th),
-                float(v_reset), soft, decay_input, detach, float(alpha), !tau_t && exact_reciprocal(float(tau))};
+                float(v_reset), soft, decay_input, detach, float(alpha),
+                !tau_t && exact_reciprocal(float(tau))};
 }
 
 // Tiles per parallel task: at least 8192 neurons, so that small layers stay on one thread.
