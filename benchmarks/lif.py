@@ -264,12 +264,13 @@ def kernel_rows(reps: int = 30, calls: int = 20) -> list[dict]:
             N = 65_536 // T
             x = (torch.randn(T, N) * 1.5 + 1.0).to(dtype)
             g = torch.randn(T, N).to(dtype)
-            s, gx, v, gv = torch.empty_like(x), torch.empty_like(x), torch.empty(N), torch.empty(N)
+            s, gx, v = torch.empty_like(x), torch.empty_like(x), torch.empty(N)
 
-            # tau 2, V_th 1, V_reset 0, hard reset, decay_input; backward: detached reset, the sigmoid
+            # tau 2, V_th 1, V_reset 0, hard reset, decay_input, no v_init (so no grad v_init, as
+            # lif_multi_step calls it); backward: detached reset, the sigmoid
             fwd_args = (x, None, None, 2.0, 1.0, 0.0, False, True, s, v, None)
             bwd_args = (g, None, x, None, None, 2.0, 1.0, 0.0, False, True, True, sg.id, sg.default_alpha)
-            bwd_args += (gx, gv, None)
+            bwd_args += (gx, None, None)
             best = {(p, isa): float("inf") for p in ("fwd", "bwd") for isa in builds}
             for _ in range(reps):
                 for isa, ext in builds.items():

@@ -104,6 +104,16 @@ def test_custom_ops_pass_opcheck(backend):
             args,
             test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
         )
+        # the backward op's fake shapes too: grad v_init is [N] with a v_init, [0] without one
+        saved = torch.ops.spikecore.lif_fwd.default(*args)[3]
+        grad_s = torch.randn(5, 17, device=dev)
+        bwd_args = (grad_s, None, x.detach(), v_init, tau, saved, 2.0, 1.0, 0.0, False, True, True, 0, 4.0)
+        bwd_args += (tau is not None, backend)
+        torch.library.opcheck(
+            torch.ops.spikecore.lif_bwd.default, bwd_args, test_utils=("test_schema", "test_faketensor")
+        )
+        grad_v_init = torch.ops.spikecore.lif_bwd.default(*bwd_args)[1]
+        assert grad_v_init.shape == ((17,) if v_init is not None else (0,))
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])

@@ -733,7 +733,8 @@ def lif_bwd(
     T, N = x.shape
     grad_s = grad_s.to(x.dtype).contiguous()
     grad_x = torch.empty_like(x)
-    grad_v_init = torch.empty(N, dtype=torch.float32)
+    # [0] without a v_init: nothing to differentiate, and N floats the kernels need not write
+    grad_v_init = torch.empty(N if v_init is not None else 0, dtype=torch.float32)
     need_grad_tau = bool(need_grad_tau) and tau_t is not None
     grad_tau = torch.empty(N if need_grad_tau else 0, dtype=torch.float32)
     if N == 0:
@@ -756,10 +757,11 @@ def lif_bwd(
             int(surrogate_id),
             float(alpha),
             grad_x,
-            grad_v_init,
+            grad_v_init if v_init is not None else None,
             grad_tau if need_grad_tau else None,
         )
         return grad_x, grad_v_init, grad_tau
+    gv_init_out = grad_v_init.numpy() if v_init is not None else np.empty(N, dtype=np.float32)
     v_init, grad_v = _zeros(v_init, N), _zeros(grad_v, N)
     if tau_t is None:
         _launch(
@@ -780,7 +782,7 @@ def lif_bwd(
             int(surrogate_id),
             float(alpha),
             _bits(grad_x),
-            grad_v_init.numpy(),
+            gv_init_out,
         )
         return grad_x, grad_v_init, grad_tau
     tau_arr = tau_t.detach().float().contiguous().numpy()
@@ -805,7 +807,7 @@ def lif_bwd(
         float(alpha),
         need_grad_tau,
         _bits(grad_x),
-        grad_v_init.numpy(),
+        gv_init_out,
         grad_tau.numpy(),
     )
     return grad_x, grad_v_init, grad_tau

@@ -359,39 +359,50 @@ inline __attribute__((always_inline)) void charge_rows(const Params& p, const fl
   }
 }
 
-// Lanes [j0, j0 + n) of one tile: tau per lane.
-inline void load_tau(const Params& p, int64_t j0, int n, float* tau) {
-  for (int l = 0; l < n; ++l) tau[l] = p.tau_arr ? p.tau_arr[j0 + l] : p.tau;
+// The membrane before the first step, and the gradient after the last, where the caller passes none.
+alignas(64) constexpr float kZeroRow[kMaxBlock] = {};
+
+// Lanes [j0, j0 + n): tau, the leak's 1 - 1 / tau and H's derivative in X (1 / tau with decay_input, else
+// 1). Per tile for a per-neuron tau; once per thread for a shared one (the rows are then constants: a tile's
+// setup was ~15% of the T = 4 backward).
+template <bool DECAY>
+inline void fill_lanes(const Params& p, int64_t j0, int n, float* tau, float* decay, float* inv_tdiv) {
+  for (int l = 0; l < n; ++l) {
+    const float t = p.tau_arr ? p.tau_arr[j0 + l] : p.tau;
+    tau[l] = t;
+    decay[l] = 1.f - 1.f / t;
+    inv_tdiv[l] = DECAY ? 1.f / t : 1.f;
+  }
 }
 
 // One tile: neurons [j0, j0 + n), all T steps.
 template <typename scalar_t, bool SOFT, bool DECAY>
 void forward_block(const Params& p, const scalar_t* __restrict__ x, const float* __restrict__ v_init,
-                   scalar_t* __restrict__ s, float* __restrict__ v_final, float* __restrict__ v_seq, int64_t j0,
-                   int n) {
+                   scalar_t* __restrict__ s, float* __restrict__ v_final, float* __restrict__ v_seq,
+                   const float* __restrict__ tau, int64_t j0, int n) {
   // Locals, not p's fields: a store through s could otherwise alias them and stop vectorisation.
   const float vth = p.vth, vr = p.vr;
   const int64_t T = p.T, N = p.N;
-  alignas(64) float v[kMaxBlock], tau[kMaxBlock];
-  load_tau(p, j0, n, tau);
-  for (int l = 0; l < n; ++l) v[l] = v_init ? v_init[j0 + l] : 0.f;
+  alignas(64) float v[kMaxBlock];
   for (int64_t t = 0; t < T; ++t) {
     const scalar_t* __restrict__ xr = x + t * N + j0;
     scalar_t* __restrict__ sr = s + t * N + j0;
-    charge_rows<DECAY>(p, v, xr, tau, n, [&](int l, vf h) __attribute__((always_inline)) {
+    // The first step reads v_init (or zeros) and the last writes v_final, in place: no copies per tile.
+    const float* vin = t > 0 ? v : v_init ? v_init + j0 : kZeroRow;
+    float* vout = t == T - 1 ? v_final + j0 : v;
+    charge_rows<DECAY>(p, vin, xr, tau, n, [&](int l, vf h) __attribute__((always_inline)) {
       store_spikes(sr + l, h, vth);
-      vstore(v + l, after_spike<SOFT>(h, vth, vr));
+      vstore(vout + l, after_spike<SOFT>(h, vth, vr));
     });
     for (int l = n / VW * VW; l < n; ++l) {
-      const float h = charge<DECAY>(v[l], to_f(xr[l]), tau[l], vr);
+      const float h = charge<DECAY>(vin[l], to_f(xr[l]), tau[l], vr);
       sr[l] = scalar_t((h - vth) >= 0.f ? 1.f : 0.f);
-      v[l] = after_spike<SOFT>(h, vth, vr);
+      vout[l] = after_spike<SOFT>(h, vth, vr);
     }
     if (v_seq) {
-      for (int l = 0; l < n; ++l) v_seq[t * N + j0 + l] = v[l];
+      for (int l = 0; l < n; ++l) v_seq[t * N + j0 + l] = vout[l];
     }
   }
-  for (int l = 0; l < n; ++l) v_final[j0 + l] = v[l];
 }
 
 // sigma'(z) = a s (1 - s), s = sigmoid(a z), in VW lanes: a e / (1 + e)^2 with e = exp(-|a z|) (the
@@ -490,31 +501,32 @@ inline __attribute__((always_inline)) vf surrogate_vec(vf z, float a) {
 template <typename scalar_t, bool SOFT, bool DECAY, int SID>
 void backward_block(const Params& p, const scalar_t* __restrict__ x, const scalar_t* __restrict__ gs,
                     const float* __restrict__ grad_v, const float* __restrict__ v_init, scalar_t* __restrict__ gx,
-                    float* __restrict__ gv_out, float* __restrict__ gtau_out, float* __restrict__ hs, int64_t j0,
-                    int n) {
+                    float* __restrict__ gv_out, float* __restrict__ gtau_out, float* __restrict__ hs,
+                    const float* __restrict__ shared_lanes, int64_t j0, int n) {
   constexpr int W = kMaxBlock;
   // Locals, not p's fields: a store could otherwise alias them and stop vectorisation.
   const float vth = p.vth, vr = p.vr, alpha = p.alpha;
   const int64_t T = p.T, N = p.N;
-  alignas(64) float v[W], tau[W], carry[W], decay[W], inv_tdiv[W], gtau[W], gh[W];
-  load_tau(p, j0, n, tau);
-  for (int l = 0; l < n; ++l) {
-    v[l] = v_init ? v_init[j0 + l] : 0.f;
-    carry[l] = grad_v ? grad_v[j0 + l] : 0.f;
-    decay[l] = 1.f - 1.f / tau[l];
-    inv_tdiv[l] = DECAY ? 1.f / tau[l] : 1.f;
-    gtau[l] = 0.f;
+  alignas(64) float v[W], carry[W], gtau[W], gh[W], lanes[3][W];
+  const float* __restrict__ tau = shared_lanes;
+  const float* __restrict__ decay = shared_lanes + W;
+  const float* __restrict__ inv_tdiv = shared_lanes + 2 * W;
+  if (p.tau_arr) {
+    fill_lanes<DECAY>(p, j0, n, lanes[0], lanes[1], lanes[2]);
+    tau = lanes[0], decay = lanes[1], inv_tdiv = lanes[2];
   }
-  // Recompute H for every step (the forward's arithmetic).
+  if (gtau_out) std::fill(gtau, gtau + n, 0.f);
+  // Recompute H for every step (the forward's arithmetic); the first step reads v_init or zeros in place.
   for (int64_t t = 0; t < T; ++t) {
     const scalar_t* __restrict__ xr = x + t * N + j0;
     float* __restrict__ hr = hs + t * W;
-    charge_rows<DECAY>(p, v, xr, tau, n, [&](int l, vf h) __attribute__((always_inline)) {
+    const float* vin = t > 0 ? v : v_init ? v_init + j0 : kZeroRow;
+    charge_rows<DECAY>(p, vin, xr, tau, n, [&](int l, vf h) __attribute__((always_inline)) {
       vstore(hr + l, h);
       vstore(v + l, after_spike<SOFT>(h, vth, vr));
     });
     for (int l = n / VW * VW; l < n; ++l) {
-      const float h = charge<DECAY>(v[l], to_f(xr[l]), tau[l], vr);
+      const float h = charge<DECAY>(vin[l], to_f(xr[l]), tau[l], vr);
       hr[l] = h;
       v[l] = after_spike<SOFT>(h, vth, vr);
     }
@@ -537,6 +549,9 @@ void backward_block(const Params& p, const scalar_t* __restrict__ x, const scala
       const float* __restrict__ hr = hs + t * W;
       const scalar_t* __restrict__ gr = gs + t * N + j0;
       scalar_t* __restrict__ gxr = gx + t * N + j0;
+      // The last step reads grad_v (or zeros) in place and the first writes grad v_init (if asked for).
+      const float* cin = t < T - 1 ? carry : grad_v ? grad_v + j0 : kZeroRow;
+      float* cout = t > 0 || !gv_out ? carry : gv_out + j0;
       int l = 0;
       // Software-pipelined: each iteration computes the next vector's surrogate derivative (a long chain of
       // dependent operations, the sigmoid's above all) while it finishes this one, so that the out-of-order
@@ -545,9 +560,9 @@ void backward_block(const Params& p, const scalar_t* __restrict__ x, const scala
       vf sg = surrogate_vec<SID>(vload(hr) - vth, alpha);
       for (; l + VW <= n; l += VW) {
         const vf sg_next = surrogate_vec<SID>(vload(hr + l + VW) - vth, alpha);
-        const vf g = grad_h(detach_c, vload(hr + l), load_row(gr + l), vload(carry + l), sg);
+        const vf g = grad_h(detach_c, vload(hr + l), load_row(gr + l), vload(cin + l), sg);
         sg = sg_next;
-        vstore(carry + l, g * vload(decay + l));
+        vstore(cout + l, g * vload(decay + l));
         if (gtau_out) vstore(gh + l, g);
         store_row(gxr + l, g * vload(inv_tdiv + l));
       }
@@ -556,12 +571,12 @@ void backward_block(const Params& p, const scalar_t* __restrict__ x, const scala
         for (int i = 0; i < n - l; ++i) {
           h_pad[i] = hr[l + i];
           gs_pad[i] = to_f(gr[l + i]);
-          gv_pad[i] = carry[l + i];
+          gv_pad[i] = cin[l + i];
         }
         const vf h = vload(h_pad);
         const vf g = grad_h(detach_c, h, vload(gs_pad), vload(gv_pad), surrogate_vec<SID>(h - vth, alpha));
         for (int i = 0; i < n - l; ++i) {
-          carry[l + i] = g[i] * decay[l + i];
+          cout[l + i] = g[i] * decay[l + i];
           gh[l + i] = g[i];
           gxr[l + i] = scalar_t(g[i] * inv_tdiv[l + i]);
         }
@@ -581,7 +596,6 @@ void backward_block(const Params& p, const scalar_t* __restrict__ x, const scala
   };
   if (p.detach) reverse(std::true_type{});
   else reverse(std::false_type{});
-  for (int l = 0; l < n; ++l) gv_out[j0 + l] = carry[l];
   if (gtau_out) {
     for (int l = 0; l < n; ++l) gtau_out[j0 + l] = gtau[l];
   }
@@ -634,6 +648,8 @@ void dispatch_flags(bool soft, bool decay_input, F&& f) {
 
 Params make_params(const torch::Tensor& x, const c10::optional<torch::Tensor>& tau_t, double tau, double v_th,
                    double v_reset, bool soft, bool decay_input, bool detach, double alpha) {
+  // T >= 1: the first step reads v_init and the last writes v_final (and the reverse for the gradients).
+  TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1, "spikecore's CPU LIF takes x of shape [T, N] with T >= 1");
   return Params{x.size(0), x.size(1), tau_t ? tau_t->data_ptr<float>() : nullptr, float(tau), float(v_th),
                 float(v_reset), soft, decay_input, detach, float(alpha),
                 !tau_t && exact_reciprocal(float(tau))};
@@ -672,10 +688,13 @@ void lif_fwd(torch::Tensor x, c10::optional<torch::Tensor> v_init, c10::optional
       constexpr bool SOFT = decltype(soft_c)::value, DECAY = decltype(decay_c)::value;
       const int block = block_size(p.T);
       at::parallel_for(0, (p.N + block - 1) / block, grain(block), [&](int64_t b0, int64_t b1) {
+        alignas(64) float shared_tau[kMaxBlock];
+        std::fill(shared_tau, shared_tau + kMaxBlock, p.tau);
         for (int64_t b = b0; b < b1; ++b) {
           const int64_t j0 = b * block;
           const int n = int(std::min<int64_t>(block, p.N - j0));
-          forward_block<scalar_t, SOFT, DECAY>(p, xp, v0, sp, vf, vs, j0, n);
+          const float* tau = p.tau_arr ? p.tau_arr + j0 : shared_tau;
+          forward_block<scalar_t, SOFT, DECAY>(p, xp, v0, sp, vf, vs, tau, j0, n);
         }
       });
     });
@@ -686,14 +705,14 @@ void lif_bwd(torch::Tensor grad_s, c10::optional<torch::Tensor> grad_v, torch::T
              c10::optional<torch::Tensor> v_init,
              c10::optional<torch::Tensor> tau_t, double tau, double v_th, double v_reset, bool soft,
              bool decay_input, bool detach, int64_t surrogate_id, double alpha, torch::Tensor grad_x,
-             torch::Tensor grad_v_init, c10::optional<torch::Tensor> grad_tau) {
+             c10::optional<torch::Tensor> grad_v_init, c10::optional<torch::Tensor> grad_tau) {
   TORCH_CHECK(surrogate_id >= 0 && surrogate_id < 8, "unknown surrogate id ", surrogate_id);
   const Params p = make_params(x, tau_t, tau, v_th, v_reset, soft, decay_input, detach, alpha);
   const int sid = int(surrogate_id);
   float* gtau = grad_tau ? grad_tau->data_ptr<float>() : nullptr;
   const float* gv = grad_v ? grad_v->data_ptr<float>() : nullptr;  // None: zeros
   const float* v0 = v_init ? v_init->data_ptr<float>() : nullptr;
-  float* gvo = grad_v_init.data_ptr<float>();
+  float* gvo = grad_v_init ? grad_v_init->data_ptr<float>() : nullptr;
   advise_huge_pages(grad_x);
   dispatch_dtype(x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
@@ -707,10 +726,16 @@ void lif_bwd(torch::Tensor grad_s, c10::optional<torch::Tensor> grad_v, torch::T
         const int block = block_size(p.T);
         at::parallel_for(0, (p.N + block - 1) / block, grain(block), [&](int64_t b0, int64_t b1) {
           std::vector<float> hs(p.T * kMaxBlock + VW);  // H of one tile for every step, in L1/L2
+          alignas(64) float shared_lanes[3 * kMaxBlock];  // a shared tau's rows (fill_lanes)
+          if (!p.tau_arr) {
+            fill_lanes<DECAY>(p, 0, kMaxBlock, shared_lanes, shared_lanes + kMaxBlock,
+                              shared_lanes + 2 * kMaxBlock);
+          }
           for (int64_t b = b0; b < b1; ++b) {
             const int64_t j0 = b * block;
             const int n = int(std::min<int64_t>(block, p.N - j0));
-            backward_block<scalar_t, SOFT, DECAY, SID>(p, xp, gp, gv, v0, gxp, gvo, gtau, hs.data(), j0, n);
+            backward_block<scalar_t, SOFT, DECAY, SID>(p, xp, gp, gv, v0, gxp, gvo, gtau, hs.data(),
+                                                       shared_lanes, j0, n);
           }
         });
       });

@@ -334,6 +334,7 @@ def lif_bwd(
 ):
     T, N = x.shape
     x = x.contiguous()
+    has_v_init = v_init is not None
     grad_s = grad_s.to(x.dtype).contiguous()
     grad_v = _zeros_if_none(grad_v, x).float().contiguous()
     v_init = _zeros_if_none(v_init, x).float().contiguous()
@@ -344,7 +345,7 @@ def lif_bwd(
     grad_v_init = torch.empty((N,), dtype=torch.float32, device=x.device)
     grad_tau = torch.empty((N,) if need_grad_tau else (0,), dtype=torch.float32, device=x.device)
     if N == 0:
-        return grad_x, grad_v_init, grad_tau
+        return grad_x, grad_v_init[: N if has_v_init else 0], grad_tau
     C = _chunk(T)
     tau_arg = tau_t.float().contiguous() if per_neuron else v_init
     grid = (triton.cdiv(N, _BWD_BLOCK),)
@@ -376,4 +377,4 @@ def lif_bwd(
             BLOCK=_BWD_BLOCK,
             num_warps=_BWD_WARPS,
         )
-    return grad_x, grad_v_init, grad_tau
+    return grad_x, grad_v_init[: N if has_v_init else 0], grad_tau  # [0] without a v_init (the contract)

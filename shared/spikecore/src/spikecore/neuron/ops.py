@@ -9,7 +9,8 @@ one contract on flattened tensors, so the autograd and ``torch.compile`` plumbin
     ``saved[K,N]`` f32 (membrane checkpoints the backward needs, ``K = n_saved(T)``, may be 0).
 ``lif_bwd(grad_s[T,N], grad_v[N] f32 | None, x, v_init, tau_t, saved, tau, v_th, v_reset, soft, decay_input,
           detach_reset, surrogate_id, alpha, need_grad_tau)``
-    -> ``grad_x[T,N]`` (x's dtype), ``grad_v_init[N]`` f32, ``grad_tau[N]`` f32 (``[0]`` when not asked).
+    -> ``grad_x[T,N]`` (x's dtype), ``grad_v_init[N]`` f32 (``[0]`` when ``v_init`` is None), ``grad_tau[N]``
+    f32 (``[0]`` when not asked).
 
 ``None`` for ``v_init`` / ``grad_v`` means zeros (each backend makes or skips them), so only ``x`` (in its
 own dtype), ``v_init`` (when the caller gave one) and the few checkpoints are saved for backward; the
@@ -136,7 +137,8 @@ def _lif_bwd_fake(
 ):
     N = x.shape[1]
     grad_tau = x.new_empty((N,) if need_grad_tau else (0,), dtype=torch.float32)
-    return torch.empty_like(x), x.new_empty((N,), dtype=torch.float32), grad_tau
+    grad_v_init = x.new_empty((N,) if v_init is not None else (0,), dtype=torch.float32)
+    return torch.empty_like(x), grad_v_init, grad_tau
 
 
 def _setup_context(ctx, inputs, output):
