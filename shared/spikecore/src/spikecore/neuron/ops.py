@@ -17,6 +17,7 @@ own dtype), ``v_init`` (when the caller gave one) and the few checkpoints are sa
 membrane is recomputed there. ``tau_t`` (per-neuron tau, PLIF) overrides the float ``tau`` when given.
 """
 
+import functools
 import importlib
 import os
 
@@ -29,8 +30,9 @@ from .surrogate import resolve
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+@functools.cache
 def _backend_module(name: str):
-    return importlib.import_module(f"spikecore.neuron._{name}")
+    return importlib.import_module(f"spikecore.neuron._{name}")  # once: import_module cost ~3 us a call
 
 
 @torch.library.custom_op("spikecore::lif_fwd", mutates_args=())
@@ -364,7 +366,7 @@ def _lif_multi_step(
 
     T = x.shape[0]
     n = neuron_shape.numel()
-    x2 = x.reshape(T, n).contiguous()
+    x2 = (x if x.dim() == 2 else x.reshape(T, n)).contiguous()  # a reshape would add a node to the graph
     v0 = None if v_init is None else v_init.reshape(n).float().contiguous()
     tau_t = None
     tau_f = 2.0
@@ -388,8 +390,11 @@ def _lif_multi_step(
         bool(store_v_seq),
         backend,
     )
-    spikes = spikes.view(x.shape)
-    v_final = v_final.view(neuron_shape)
+    # A view of an autograd output costs ~7 us; a [T, N] input needs none.
+    if spikes.shape != x.shape:
+        spikes = spikes.view(x.shape)
+    if v_final.shape != neuron_shape:
+        v_final = v_final.view(neuron_shape)
     if store_v_seq:
         return spikes, v_final, v_seq.detach().view(x.shape)
     return spikes, v_final
