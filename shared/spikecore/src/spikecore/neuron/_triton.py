@@ -342,10 +342,11 @@ def lif_bwd(
     per_neuron = tau_t is not None
     need_grad_tau = bool(need_grad_tau) and per_neuron
     grad_x = torch.empty_like(x)
-    grad_v_init = torch.empty((N,), dtype=torch.float32, device=x.device)
+    grad_v_init = torch.empty((N,), dtype=torch.float32, device=x.device)  # the kernel writes N floats
+    returned_grad_v_init = grad_v_init if has_v_init else grad_v_init[:0]  # [0] without a v_init
     grad_tau = torch.empty((N,) if need_grad_tau else (0,), dtype=torch.float32, device=x.device)
     if N == 0:
-        return grad_x, grad_v_init[: N if has_v_init else 0], grad_tau
+        return grad_x, returned_grad_v_init, grad_tau
     C = _chunk(T)
     tau_arg = tau_t.float().contiguous() if per_neuron else v_init
     grid = (triton.cdiv(N, _BWD_BLOCK),)
@@ -377,4 +378,4 @@ def lif_bwd(
             BLOCK=_BWD_BLOCK,
             num_warps=_BWD_WARPS,
         )
-    return grad_x, grad_v_init[: N if has_v_init else 0], grad_tau  # [0] without a v_init (the contract)
+    return grad_x, returned_grad_v_init, grad_tau
