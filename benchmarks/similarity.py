@@ -43,8 +43,9 @@ layer (the peak does not grow with the layers: each layer's buffers are freed be
 returns it when freed: the figure is then what the search holds at once, the same in every run.
 ``peak_timed_MiB`` is the same measurement in the timed worker under glibc's default dynamic threshold,
 where freed buffers of up to 32 MiB stay in the heap for reuse (faster: no page faults): it adds heap
-slack that varies from run to run (ours: 75-220 MiB at N=1,000 in repeated runs here). CUDA: the caching
-allocator's ``max_memory_allocated`` above ``memory_allocated`` after the inputs, in the timed worker.
+slack that varies from run to run (ours at N=1,000: 75-234 MiB in repeated runs while every tile was a
+fresh allocation; 47 MiB since the tiles reuse their buffers). CUDA: the caching allocator's
+``max_memory_allocated`` above ``memory_allocated`` after the inputs, in the timed worker.
 
 Size: CUDA runs the full size (12 layers x N=9,000 images x U=12,288 latents x V=15,000 voxels). The CPU
 (2 cores) runs full U and V with N=3,000 and 3 layers (1/12 of the full work), plus N=1,000 and 1 layer

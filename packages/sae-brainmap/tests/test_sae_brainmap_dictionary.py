@@ -143,14 +143,13 @@ def _peak_extra_bytes(n, u, v, n_layers):
 def test_streaming_memory_is_bounded_at_a_scaled_size():
     # 12,288 latents as at full size, 4,000 voxels, 100 images: the dense [U, V] float32 matrix alone
     # would be 197 MB; the streamed build needs the [N, V] dictionary activations plus chunk buffers
-    # (2048 x 2048 similarities, N x 2048 normalised columns): about 40 MB measured.
+    # (2048 x 2048 similarities, N x 2048 normalised columns), reused for every tile: 21 MB measured in
+    # every run. (With a fresh tile per step glibc's heap kept several: 40-113 MB from run to run.)
     n, u, v = 100, 12288, 4000
     extra, _seconds, matched = _peak_extra_bytes(n, u, v, 1)
     dense = u * v * 4
     assert matched == v
-    assert extra < 100e6 and extra < dense / 2, (
-        f"{extra / 1e6:.0f} MB extra (dense matrix: {dense / 1e6:.0f})"
-    )
+    assert extra < 60e6 and extra < dense / 3, f"{extra / 1e6:.0f} MB extra (dense matrix: {dense / 1e6:.0f})"
 
 
 @pytest.mark.slow
