@@ -330,7 +330,8 @@ print(status("VmHWM:") - before, int((s.voxel_argmax >= 0).sum()), int((s.latent
 
 def test_the_statistics_stream_never_holding_the_similarity_matrix():
     # 12,288 latents as at full size, 4,000 voxels, 100 images: the dense [U, V] float32 matrix alone is
-    # 197 MB; the pass holds 2048 x 2048 tiles, N x 2048 normalised columns and O(U + V) results
+    # 197 MB; the pass holds one 2048 x 2048 tile, N x 2048 normalised columns and O(U + V) results:
+    # 21 MB measured (39-56 MB, run to run, while every tile was a fresh allocation)
     import subprocess
     import sys
     from pathlib import Path
@@ -343,4 +344,4 @@ def test_the_statistics_stream_never_holding_the_similarity_matrix():
                          capture_output=True, text=True, check=True, timeout=600)  # fmt: skip
     extra, voxels, latents = (int(x) for x in out.stdout.split())
     assert voxels == v and latents == u
-    assert extra < 100e6 and extra < u * v * 4 / 2, f"{extra / 1e6:.0f} MB extra"
+    assert extra < 60e6 and extra < u * v * 4 / 3, f"{extra / 1e6:.0f} MB extra"

@@ -4,7 +4,7 @@ import pytest
 import torch
 from spikecore_testing import requires_cuda
 
-from spikecore.similarity import topk_similarity, topk_similarity_reference
+from spikecore.similarity import column_stats, similarity_tiles, topk_similarity, topk_similarity_reference
 
 BACKENDS = ["torch", "triton"]  # triton runs under TRITON_INTERPRET=1 without a GPU (conftest)
 
@@ -34,6 +34,27 @@ def test_reference_is_pearson_r():
     best = r.sort(dim=0, descending=True)
     torch.testing.assert_close(vals, best.values[:3].T.float(), rtol=1e-5, atol=1e-6)
     assert torch.equal(idx, best.indices[:3].T)
+
+
+@pytest.mark.parametrize("centered", [True, False])
+def test_tiles_cover_the_matrix_in_one_reused_buffer(centered):
+    a, b = _data(37, 50, 23, seed=3)
+    a[:, 4] = 2.5  # constant: no Pearson r (0 in the tiles), a plain cosine all the same
+    full = torch.full((50, 23), float("nan"), dtype=torch.float64)
+    storages = set()
+    stats_a, stats_b = column_stats(a, centered), column_stats(b, centered)
+    for u0, v0, tile in similarity_tiles(a, b, stats_a, stats_b, chunk=16):
+        assert full[u0 : u0 + tile.shape[0], v0 : v0 + tile.shape[1]].isnan().all()  # each cell once
+        full[u0 : u0 + tile.shape[0], v0 : v0 + tile.shape[1]] = tile.double()
+        storages.add(tile.untyped_storage().data_ptr())
+    if centered:
+        want = _naive_pearson(a, b)
+        want[4] = 0.0
+    else:
+        an, bn = a.double() / a.double().norm(dim=0), b.double() / b.double().norm(dim=0)
+        want = an.T @ bn
+    torch.testing.assert_close(full, want, rtol=1e-5, atol=1e-6)
+    assert len(storages) == 1  # every tile overwrote the one buffer
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

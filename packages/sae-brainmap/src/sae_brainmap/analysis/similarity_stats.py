@@ -2,8 +2,8 @@
 
 The paper's numbers all come from the per-layer similarity matrices ``S_l[k, v]`` (Pearson r, or cosine,
 between latent k's activations and voxel v's responses over the images), which at full size (12 x 12,288
-latents x 40,000 voxels) are never held: :func:`layer_similarity` walks ``S_l`` tile by tile, as
-:func:`spikecore.topk_similarity` does (the same column statistics and normalisation), and keeps, in one
+latents x 40,000 voxels) are never held: :func:`layer_similarity` walks ``S_l`` tile by tile with
+``spikecore.similarity.similarity_tiles``, the walk of :func:`spikecore.topk_similarity`, and keeps, in one
 pass:
 
 - per voxel: the largest r over the layer's latents and which latent (the voxel dictionary's per-layer
@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from spikecore.similarity import column_stats, similarity_tiles
 from spikecore.similarity.ops import check_finite
-from spikecore.similarity.reference import column_stats
 
 from ..alignment import check_pair
 
@@ -54,10 +54,6 @@ class LayerSimilarity:
         return int(self.voxel_max.shape[0])
 
 
-def _normalised(x: Tensor, mean: Tensor, inv_norm: Tensor) -> Tensor:
-    return (x.float() - mean.float()) * inv_norm.float()  # spikecore's tile normalisation
-
-
 def layer_similarity(
     acts: Tensor, responses: Tensor, centered: bool = True, *, chunk: int = 2048
 ) -> LayerSimilarity:
@@ -80,23 +76,19 @@ def layer_similarity(
     u_max = torch.full((U,), float("-inf"), device=device)
     u_arg = torch.full((U,), -1, dtype=torch.int64, device=device)
     with torch.no_grad():
-        for v0 in range(0, V, chunk):
-            v1 = min(v0 + chunk, V)
-            bn = _normalised(b[:, v0:v1], mb[v0:v1], ib[v0:v1])
-            for u0 in range(0, U, chunk):
-                u1 = min(u0 + chunk, U)
-                tile = _normalised(a[:, u0:u1], ma[u0:u1], ia[u0:u1]).T @ bn  # [cu, cv]
-                v_sum[v0:v1] += tile.sum(0)  # constant rows / columns are 0 here; a float64 running sum
-                tile[dead_a[u0:u1]] = float("-inf")  # constant latents win no voxel
-                tile[:, dead_b[v0:v1]] = float("-inf")  # constant voxels win no latent
-                m, i = tile.max(dim=0)  # the first maximal latent on ties
-                better = m > v_max[v0:v1]  # strictly: a tie keeps the earlier (smaller) latent
-                v_max[v0:v1] = torch.where(better, m, v_max[v0:v1])
-                v_arg[v0:v1] = torch.where(better, i + u0, v_arg[v0:v1])
-                m, i = tile.max(dim=1)
-                better = m > u_max[u0:u1]
-                u_max[u0:u1] = torch.where(better, m, u_max[u0:u1])
-                u_arg[u0:u1] = torch.where(better, i + v0, u_arg[u0:u1])
+        for u0, v0, tile in similarity_tiles(a, b, (ma, ia), (mb, ib), chunk):  # [cu, cv]
+            u1, v1 = u0 + tile.shape[0], v0 + tile.shape[1]
+            v_sum[v0:v1] += tile.sum(0)  # constant rows / columns are 0 here; a float64 running sum
+            tile[dead_a[u0:u1]] = float("-inf")  # constant latents win no voxel
+            tile[:, dead_b[v0:v1]] = float("-inf")  # constant voxels win no latent
+            m, i = tile.max(dim=0)  # the first maximal latent on ties
+            better = m > v_max[v0:v1]  # strictly: a tie keeps the earlier (smaller) latent
+            v_max[v0:v1] = torch.where(better, m, v_max[v0:v1])
+            v_arg[v0:v1] = torch.where(better, i + u0, v_arg[v0:v1])
+            m, i = tile.max(dim=1)
+            better = m > u_max[u0:u1]
+            u_max[u0:u1] = torch.where(better, m, u_max[u0:u1])
+            u_arg[u0:u1] = torch.where(better, i + v0, u_arg[u0:u1])
     v_none, u_none = torch.isinf(v_max), torch.isinf(u_max)
     return LayerSimilarity(
         voxel_max=torch.where(v_none, 0.0, v_max).cpu(),

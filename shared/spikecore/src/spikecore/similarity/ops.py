@@ -63,9 +63,34 @@ def topk_similarity(
     return _topk_chunked(a, b, k, centered, chunk)
 
 
+def similarity_tiles(a: torch.Tensor, b: torch.Tensor, stats_a, stats_b, chunk: int = 2048):
+    """Walk the ``[U, V]`` similarity matrix of the columns of ``a`` ``[N, U]`` and ``b`` ``[N, V]`` in
+    ``chunk x chunk`` tiles, ``v`` blocks outer and ``u`` blocks inner, without ever holding it.
+
+    ``stats_a`` / ``stats_b``: ``(mean, inv_norm)`` from ``column_stats`` (zeros mean plain cosine).
+    Yields ``(u0, v0, tile)``, ``tile[i, j]`` the similarity of columns ``u0 + i`` and ``v0 + j`` in
+    float32; constant columns give 0. Every tile is a view of one buffer that the next tile overwrites:
+    use or copy it before asking for the next. One buffer each for the tile and the normalised columns
+    of ``a`` and ``b``: a fresh 16 MB tile per step leaves the peak memory to the allocator (glibc's heap
+    held up to six of them).
+    """
+    N, U, V = a.shape[0], a.shape[1], b.shape[1]
+    ma, ia = (t.float() for t in stats_a)
+    mb, ib = (t.float() for t in stats_b)
+    tile_buf = torch.empty(min(chunk, U) * min(chunk, V), dtype=torch.float32, device=a.device)
+    an_buf = torch.empty(N * min(chunk, U), dtype=torch.float32, device=a.device)
+    bn_buf = torch.empty(N * min(chunk, V), dtype=torch.float32, device=a.device)
+    for v0 in range(0, V, chunk):
+        v1 = min(v0 + chunk, V)
+        bn = _normalised_into(bn_buf, b[:, v0:v1], mb[v0:v1], ib[v0:v1])
+        for u0 in range(0, U, chunk):
+            u1 = min(u0 + chunk, U)
+            an = _normalised_into(an_buf, a[:, u0:u1], ma[u0:u1], ia[u0:u1])
+            yield u0, v0, torch.mm(an.T, bn, out=tile_buf[: (u1 - u0) * (v1 - v0)].view(u1 - u0, v1 - v0))
+
+
 def _normalised_into(buf: torch.Tensor, x: torch.Tensor, mean32: torch.Tensor, inv32: torch.Tensor):
-    """``(x - mean) * inv_norm`` in float32, written into the front of the flat ``buf`` as an ``x``-shaped
-    view: the normalised columns, made afresh for every tile from the O(U + V) column statistics."""
+    """``(x - mean) * inv_norm`` in float32 in the front of the flat ``buf``, as an ``x``-shaped view."""
     out = buf[: x.numel()].view(x.shape)
     return torch.sub(x, mean32, out=out).mul_(inv32)
 
@@ -95,30 +120,17 @@ def _merge(run_v, run_i, tile, u0: int, k: int):
 
 
 def _topk_chunked(a, b, k, centered, chunk):
-    N, U, V = a.shape[0], a.shape[1], b.shape[1]
+    V = b.shape[1]
     ma, ia = column_stats(a, centered, chunk)
     mb, ib = column_stats(b, centered, chunk)
     check_finite(ma, ia, mb, ib)
-    ma32, ia32, mb32, ib32 = ma.float(), ia.float(), mb.float(), ib.float()
-    out_v = torch.zeros(V, k, dtype=torch.float32, device=a.device)
-    out_i = torch.full((V, k), -1, dtype=torch.int64, device=a.device)
-    # One buffer each for the tile and the normalised columns of a and b, reused by every tile. A fresh
-    # 16 MB tile per step leaves the peak to the allocator: glibc's heap held up to six of them.
-    tile_buf = torch.empty(min(chunk, U) * min(chunk, V), dtype=torch.float32, device=a.device)
-    an_buf = torch.empty(N * min(chunk, U), dtype=torch.float32, device=a.device)
-    bn_buf = torch.empty(N * min(chunk, V), dtype=torch.float32, device=a.device)
-    for v0 in range(0, V, chunk):
-        v1 = min(v0 + chunk, V)
-        bn = _normalised_into(bn_buf, b[:, v0:v1], mb32[v0:v1], ib32[v0:v1])
-        run_v = torch.full((k, v1 - v0), float("-inf"), device=a.device)
-        run_i = torch.full((k, v1 - v0), -1, dtype=torch.int64, device=a.device)
-        for u0 in range(0, U, chunk):
-            u1 = min(u0 + chunk, U)
-            an = _normalised_into(an_buf, a[:, u0:u1], ma32[u0:u1], ia32[u0:u1])
-            tile = torch.mm(an.T, bn, out=tile_buf[: (u1 - u0) * (v1 - v0)].view(u1 - u0, v1 - v0))
-            tile[ia[u0:u1] == 0] = float("-inf")  # constant columns of a never win
-            run_v, run_i = _merge(run_v, run_i, tile, u0, k)
-        none = torch.isinf(run_v) | (ib[v0:v1] == 0)[None]
-        out_v[v0:v1] = torch.where(none, torch.zeros_like(run_v), run_v).T
-        out_i[v0:v1] = torch.where(none, torch.full_like(run_i, -1), run_i).T
+    run_v = torch.full((k, V), float("-inf"), device=a.device)
+    run_i = torch.full((k, V), -1, dtype=torch.int64, device=a.device)
+    for u0, v0, tile in similarity_tiles(a, b, (ma, ia), (mb, ib), chunk):
+        v1 = v0 + tile.shape[1]
+        tile[ia[u0 : u0 + tile.shape[0]] == 0] = float("-inf")  # constant columns of a never win
+        run_v[:, v0:v1], run_i[:, v0:v1] = _merge(run_v[:, v0:v1], run_i[:, v0:v1], tile, u0, k)
+    none = torch.isinf(run_v) | (ib == 0)[None]
+    out_v = torch.where(none, torch.zeros_like(run_v), run_v).T.contiguous()
+    out_i = torch.where(none, torch.full_like(run_i, -1), run_i).T.contiguous()
     return out_v, out_i
