@@ -21,7 +21,8 @@ Per config (T steps, N neurons, dtype), all in one run:
 Columns: ``pass`` fwd (under no_grad) or fwd+bwd; ``*_ms`` median times; ``x_sj`` / ``x_eager`` our speed-up
 (their time / ours); ``floor_ms``: bytes the op must move (forward reads x and writes s; backward reads
 grad s, re-reads x and writes grad x) over ``copy_bw_gbs``, the bandwidth of a copy that moves as many bytes
-(so through the same cache level: where the L3 holds the op, the floor is the L3's); ``ours/floor``;
+(so through the same cache level: where the L3 holds the op, the floor is the L3's), timed in the same
+interleaved rounds as the contenders (so that a slow phase of a shared machine slows it too); ``ours/floor``;
 the machine line's ``copy_bw_gbs`` is a 512 MB copy's (DRAM on most CPUs); ``saved_B_*``: bytes kept
 for backward per neuron-step, measured with saved_tensors_hooks; ``peak_MiB_*`` (CUDA): peak memory of one
 forward+backward above the inputs; ``faults_*`` (CPU): minor page faults per forward+backward. glibc's malloc
@@ -29,7 +30,13 @@ maps every allocation of 32 MiB or more afresh (its mmap threshold stops growing
 2^20 fp32 neurons each new output is faulted in page by page, for every contender alike; see the README's
 note on allocators.
 
-On CPU a second table times the kernels alone: one thread, 65,536 neuron-steps in cache, ns per
+On CPU a second table repeats the fp32 forward+backward rows (ours and sj only) in a fresh process whose glibc
+keeps freed memory (``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` at 4 GiB, the README's
+allocator advice, for both alike): no output is faulted in afresh there, so it shows the ops without the
+machine's cost of fresh memory, which on a VM (freed pages handed back to the host) can exceed the kernels'
+time several times over from T = 8 on.
+
+A third table times the kernels alone: one thread, 65,536 neuron-steps in cache, ns per
 neuron-step of the C++ kernels' forward and backward ops for each ISA build (``kernel_rows``). It moves by
 a few percent between runs where the 2^20-neuron rows move by 20-30% with the bandwidth a shared VM gets.
 """
@@ -37,8 +44,11 @@ a few percent between runs where the 2^20-neuron rows move by 20-30% with the ba
 import argparse
 import contextlib
 import functools
+import json
 import os
 import resource
+import subprocess
+import sys
 import time
 
 import torch
@@ -62,16 +72,50 @@ LEGEND = (
     "ours_avx2 = ours built for AVX2 only (on an AVX-512 CPU); ours_sse4 = built for x86-64-v2 (128-bit, the "
     "generic code NEON runs); ours_numba = the numba fallback; "
     "x_sj / x_eager = their ms / our ms; x_sj_<name> = sj ms / ours_<name> ms; "
-    "floor = bytes moved (fwd: x, s; bwd: grad s, x, grad x) / copy_bw_gbs, a copy of as many bytes; "
+    "floor = bytes moved (fwd: x, s; bwd: grad s, x, grad x) / copy_bw_gbs, a copy of as many bytes timed in "
+    "the same rounds; "
     "saved_B = bytes saved for backward per neuron-step (saved_tensors_hooks); peak = CUDA peak "
     "MiB of one fwd+bwd; faults = minor page faults per fwd+bwd (CPU; allocations of 32 MiB and more are "
     "mapped afresh by glibc on every call)."
 )
 
 
+KEEP_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
+KEEP_MEMORY_TABLE = (
+    "fp32 forward+backward, 2^20 neurons, in a fresh process whose glibc keeps freed memory "
+    "(MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ = 4 GiB, for every contender alike): no fresh pages"
+)
+_KEEP_MEMORY_COLS = ("T", "ours_ms", "sj_ms", "x_sj", "floor_ms", "ours/floor", "faults_ours", "faults_sj")
+
+
+def keep_memory_rows(Ts, n: int, threads: int | None) -> list[dict]:
+    """The fp32 fwd+bwd rows of ``Ts`` for ours and sj, timed in a fresh process with ``KEEP_MEMORY_ENV``
+    (glibc reads it at start-up only, so it takes a process of its own)."""
+    cmd = [sys.executable, __file__, "--keep-memory-worker", ",".join(map(str, Ts)), "--n", str(n)]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    out = subprocess.run(
+        cmd, env={**os.environ, **KEEP_MEMORY_ENV}, capture_output=True, text=True, timeout=1800
+    )
+    if out.returncode != 0:
+        print(f"  keep-memory worker failed: {out.stderr.strip().splitlines()[-1:]}")
+        return []
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _keep_memory_worker(Ts, n: int) -> None:
+    fns = {k: v for k, v in impls("cpu", "cpu").items() if k in ("ours", "sj")}
+    first_call(fns["ours"], "cpu")
+    rows = []
+    for T in Ts:
+        row = bench_config(fns, T, n, torch.float32, "cpu")[1]
+        rows.append({k: row.get(k) for k in _KEEP_MEMORY_COLS})
+    print(json.dumps(rows))
+
+
 KERNEL_TABLE = (
     "In-cache C++ kernels, 1 thread, ns per neuron-step (T x N = 65,536; sigmoid surrogate, tau 2, detached "
-    "reset), per ISA build (native, avx2, sse4 as above), min over 30 interleaved rounds"
+    "reset), per ISA build (native, avx2, sse4 as above), min over {reps} interleaved rounds"
 )
 
 
@@ -174,10 +218,16 @@ def bench_config(fns: dict, T: int, N: int, dtype: torch.dtype, device: str) -> 
             fn(xg).backward(g)
 
     for p, step in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
-        times = time_many({name: functools.partial(step, fn, name) for name, fn in fns.items()}, device)
+        # The floor: a copy moving the same bytes (half read, half written), so through the same cache level,
+        # timed in the same interleaved rounds as the contenders: a slow phase of a shared machine slows both.
+        src = torch.rand(floor_bytes[p] // 8, device=device)
+        dst = torch.empty_like(src)
+        contenders = {name: functools.partial(step, fn, name) for name, fn in fns.items()}
+        times = time_many({**contenders, "copy": lambda src=src, dst=dst: dst.copy_(src)}, device)
+        copy_ms = times.pop("copy")
+        del src, dst
         rows[p].update({f"{name}_ms": ms for name, ms in times.items()})
-        # the floor: a copy moving the same bytes (half read, half written), so through the same cache level
-        rows[p]["copy_bw_gbs"] = copy_bandwidth_gbs(device, floor_bytes[p] // 2)
+        rows[p]["copy_bw_gbs"] = floor_bytes[p] / (copy_ms * 1e-3) / 1e9
     for name, fn in fns.items():
         if rows["fwd+bwd"][f"{name}_ms"] is None:
             continue
@@ -312,8 +362,13 @@ def main(argv=None) -> None:
         help="run the headline config (T=4, fp32 on CPU / fp16 4.2M neurons on CUDA, fwd+bwd) this many "
         "more times and record the spread of the ratios (a shared machine's bandwidth varies by 1.5x)",
     )
+    ap.add_argument("--keep-memory-worker", help=argparse.SUPPRESS)  # T list: the keep-memory table's process
+    ap.add_argument("--n", type=int, default=2**20, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     apply_threads(args)
+    if args.keep_memory_worker:
+        _keep_memory_worker([int(t) for t in args.keep_memory_worker.split(",")], args.n)
+        return
     dev = args.device
     torch.manual_seed(0)
     N = 2**12 if args.quick else 2**20
@@ -343,7 +398,9 @@ def main(argv=None) -> None:
     repeats = headline_repeats(fns, dev, N if dev == "cpu" else (2**12 if args.quick else 4_194_304), args)
     tables = {}
     if dev == "cpu":
-        tables[KERNEL_TABLE] = kernel_rows(reps=3 if args.quick else 30)
+        tables[KEEP_MEMORY_TABLE] = keep_memory_rows(Ts, N, args.threads)
+        reps = 3 if args.quick else 30
+        tables[KERNEL_TABLE.format(reps=reps)] = kernel_rows(reps=reps)
     save(
         "lif",
         dev,
