@@ -398,7 +398,8 @@ def main(argv=None) -> None:
     repeats = headline_repeats(fns, dev, N if dev == "cpu" else (2**12 if args.quick else 4_194_304), args)
     tables = {}
     if dev == "cpu":
-        tables[KEEP_MEMORY_TABLE] = keep_memory_rows(Ts, N, args.threads)
+        if kept := keep_memory_rows(Ts, N, args.threads):  # [] when its worker failed (printed)
+            tables[KEEP_MEMORY_TABLE] = kept
         reps = 3 if args.quick else 30
         tables[KERNEL_TABLE.format(reps=reps)] = kernel_rows(reps=reps)
     save(
