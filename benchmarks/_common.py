@@ -152,11 +152,16 @@ def time_many(fns: dict, device: str, rounds: int = 3) -> dict:
     return {k: (sorted(v)[len(v) // 2] if v else None) for k, v in times.items()}
 
 
-def copy_bandwidth_gbs(device: str, nbytes: int = 2**28) -> float:
-    """Measured ``dst.copy_(src)`` bandwidth in GB/s, counting bytes read plus bytes written."""
+def copy_fn(device: str, nbytes: int):
+    """A callable copying ``nbytes`` into another ``nbytes`` (``dst.copy_(src)``, fp32, made once)."""
     src = torch.rand(nbytes // 4, device=device)
     dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), device, min_run_time=0.5)
+    return lambda: dst.copy_(src)
+
+
+def copy_bandwidth_gbs(device: str, nbytes: int = 2**28) -> float:
+    """Measured ``dst.copy_(src)`` bandwidth in GB/s, counting bytes read plus bytes written."""
+    ms = time_ms(copy_fn(device, nbytes), device, min_run_time=0.5)
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 

@@ -56,6 +56,7 @@ from _common import (
     add_common_args,
     apply_threads,
     copy_bandwidth_gbs,
+    copy_fn,
     cuda_peak_bytes,
     save,
     saved_bytes,
@@ -108,7 +109,7 @@ def _keep_memory_worker(Ts, n: int) -> None:
     first_call(fns["ours"], "cpu")
     rows = []
     for T in Ts:
-        row = bench_config(fns, T, n, torch.float32, "cpu")[1]
+        (row,) = bench_config(fns, T, n, torch.float32, "cpu", passes=("fwd+bwd",))
         rows.append({k: row.get(k) for k in _KEEP_MEMORY_COLS})
     print(json.dumps(rows))
 
@@ -200,13 +201,17 @@ def page_faults_per_call(fn, calls: int = 5) -> float:
     return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start) / calls
 
 
-def bench_config(fns: dict, T: int, N: int, dtype: torch.dtype, device: str) -> list[dict]:
+def bench_config(
+    fns: dict, T: int, N: int, dtype: torch.dtype, device: str, passes=("fwd", "fwd+bwd")
+) -> list[dict]:
+    """One row per pass in ``passes`` (``fwd``, ``fwd+bwd``), in that order."""
     x = (torch.randn(T, N, device=device) * 1.5 + 1.0).to(dtype)  # fresh input, a real firing rate
     g = torch.randn(T, N, device=device).to(dtype)
     xg = x.clone().requires_grad_()
     esize = x.element_size()
-    floor_bytes = {"fwd": T * N * 2 * esize, "fwd+bwd": T * N * 5 * esize}
-    rows = {p: {"T": T, "N": N, "dtype": str(dtype).removeprefix("torch."), "pass": p} for p in floor_bytes}
+    floor_bytes = {p: T * N * esize * {"fwd": 2, "fwd+bwd": 5}[p] for p in passes}
+    rows = {p: {"T": T, "N": N, "dtype": str(dtype).removeprefix("torch."), "pass": p} for p in passes}
+    floor_ms = {}
 
     def fwd(fn, name=""):
         with torch.no_grad(), contender_env(name):
@@ -218,18 +223,17 @@ def bench_config(fns: dict, T: int, N: int, dtype: torch.dtype, device: str) -> 
             fn(xg).backward(g)
 
     for p, step in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+        if p not in rows:
+            continue
         # The floor: a copy moving the same bytes (half read, half written), so through the same cache level,
         # timed in the same interleaved rounds as the contenders: a slow phase of a shared machine slows both.
-        src = torch.rand(floor_bytes[p] // 8, device=device)
-        dst = torch.empty_like(src)
         contenders = {name: functools.partial(step, fn, name) for name, fn in fns.items()}
-        times = time_many({**contenders, "copy": lambda src=src, dst=dst: dst.copy_(src)}, device)
-        copy_ms = times.pop("copy")
-        del src, dst
+        times = time_many({**contenders, "copy": copy_fn(device, floor_bytes[p] // 2)}, device)
+        floor_ms[p] = times.pop("copy")
         rows[p].update({f"{name}_ms": ms for name, ms in times.items()})
-        rows[p]["copy_bw_gbs"] = floor_bytes[p] / (copy_ms * 1e-3) / 1e9
+        rows[p]["copy_bw_gbs"] = floor_bytes[p] / (floor_ms[p] * 1e-3) / 1e9
     for name, fn in fns.items():
-        if rows["fwd+bwd"][f"{name}_ms"] is None:
+        if "fwd+bwd" not in rows or rows["fwd+bwd"][f"{name}_ms"] is None:
             continue
         rows["fwd+bwd"][f"saved_B_{name}"] = saved_bytes(lambda fn=fn: fn(xg)) / (T * N)
         if device == "cpu" and name != "eager":
@@ -248,7 +252,7 @@ def bench_config(fns: dict, T: int, N: int, dtype: torch.dtype, device: str) -> 
         for name in fns:
             if name.startswith("ours_") and r.get(f"{name}_ms") and r.get("sj_ms"):
                 r[f"x_sj_{name.removeprefix('ours_')}"] = r["sj_ms"] / r[f"{name}_ms"]
-        r["floor_ms"] = floor_bytes[p] / (r["copy_bw_gbs"] * 1e9) * 1e3
+        r["floor_ms"] = floor_ms[p]
         if ours:
             r["ours/floor"] = ours / r["floor_ms"]
         out.append(r)
@@ -264,7 +268,7 @@ def headline_repeats(fns: dict, dev: str, n: int, args) -> dict:
     extra = [name.removeprefix("ours_") for name in fns if name.startswith("ours_")]
     x_sj, over_floor, x_sj_extra = [], [], {name: [] for name in extra}
     for _ in range(args.repeat):
-        row = bench_config(fns, T, n, dtype, dev)[1]
+        (row,) = bench_config(fns, T, n, dtype, dev, passes=("fwd+bwd",))
         if row.get("x_sj"):
             x_sj.append(row["x_sj"])
         for name in extra:
